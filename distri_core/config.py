@@ -1,0 +1,160 @@
+"""The patch-parallel configuration: a frozen, validated value with no side effects.
+
+Process groups, devices and buffers are created by `distri_core.runtime`, never here, so a
+config can be built, compared, hashed and cached (ComfyUI caches node outputs) freely.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+
+class Mode(str, enum.Enum):
+    """How much of the displaced-patch approximation a run uses.
+
+    `full_sync` blocks on every exchange and equals the single-device result up to float
+    rounding; `naive_patch` never communicates inside the UNet (the quality floor and the speed
+    ceiling). The other four use one-step-stale conv halos and attention K/V after warm-up and
+    differ only in how GroupNorm statistics are formed.
+    """
+
+    FULL_SYNC = "full_sync"
+    CORRECTED_ASYNC_GN = "corrected_async_gn"
+    SYNC_GN = "sync_gn"
+    STALE_GN = "stale_gn"
+    SEPARATE_GN = "separate_gn"
+    NAIVE_PATCH = "naive_patch"
+
+    @property
+    def uses_stale(self) -> bool:
+        """True when steps after warm-up read activations of the previous step."""
+        return self not in (Mode.FULL_SYNC, Mode.NAIVE_PATCH)
+
+    @property
+    def communicates(self) -> bool:
+        return self is not Mode.NAIVE_PATCH
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class CommDtype(str, enum.Enum):
+    """The dtype activations travel in. `auto` keeps the model's own dtype."""
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+    def resolve(self, compute_dtype: torch.dtype) -> torch.dtype:
+        return {
+            CommDtype.AUTO: compute_dtype,
+            CommDtype.FP32: torch.float32,
+            CommDtype.FP16: torch.float16,
+            CommDtype.BF16: torch.bfloat16,
+        }[self]
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _coerce_enum(enum_type: type[enum.Enum], value: object, field_name: str) -> enum.Enum:
+    if isinstance(value, enum_type):
+        return value
+    try:
+        return enum_type(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in enum_type)
+        raise ValueError(f"{field_name}={value!r} is not valid; use one of: {choices}") from None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class PatchParallelConfig:
+    """What a patch-parallel run should do.
+
+    world_size:   number of ranks (one device each); any count from 1 up.
+    mode:         see `Mode`; `corrected_async_gn` is DistriFusion's default.
+    warmup_steps: synchronous steps after the first one, counted per conditioning key.
+    cfg_split:    split a batch of even size (ComfyUI's [cond, uncond]) over two halves of the
+                  ranks, each half patch-parallel. None = whenever the rank count is even,
+                  True = require it (an odd rank count is an error), False = never.
+    comm_dtype:   dtype for exchanged activations; `auto` = the model's dtype.
+    devices:      optional device per rank ("cuda:0", "cpu", ...); empty = chosen by the runtime.
+    """
+
+    world_size: int = 1
+    mode: Mode = Mode.CORRECTED_ASYNC_GN
+    warmup_steps: int = 4
+    cfg_split: bool | None = None
+    comm_dtype: CommDtype = CommDtype.AUTO
+    devices: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "mode", _coerce_enum(Mode, self.mode, "mode"))
+        set_(self, "comm_dtype", _coerce_enum(CommDtype, self.comm_dtype, "comm_dtype"))
+        if not _is_int(self.world_size) or self.world_size < 1:
+            raise ValueError(
+                f"world_size={self.world_size!r} is not valid; use a whole number of ranks, 1 or more"
+            )
+        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps!r} is not valid; use a whole number, 0 or more "
+                "(DistriFusion uses 4 of 50 steps)"
+            )
+        if self.cfg_split is not None and not isinstance(self.cfg_split, bool):
+            raise ValueError(f"cfg_split={self.cfg_split!r} is not valid; use True, False or None (auto)")
+        if self.cfg_split is True and self.world_size % 2:
+            raise ValueError(
+                f"cfg_split=True needs an even number of ranks (one half per CFG branch), got "
+                f"world_size={self.world_size}; use an even world_size, or cfg_split=None to split "
+                "only when possible"
+            )
+        if self.mode is Mode.FULL_SYNC and self.comm_dtype is not CommDtype.AUTO:
+            raise ValueError(
+                f"comm_dtype={self.comm_dtype.value} with mode=full_sync: full_sync is the exact "
+                "mode and must exchange activations in the model's own dtype; use comm_dtype='auto'"
+            )
+        devices = self.devices
+        if isinstance(devices, str):
+            devices = tuple(d.strip() for d in devices.split(",") if d.strip())
+        devices = tuple(str(d) for d in devices)
+        set_(self, "devices", devices)
+        if devices:
+            if len(devices) != self.world_size:
+                raise ValueError(
+                    f"devices={list(devices)} lists {len(devices)} device(s) for world_size="
+                    f"{self.world_size}; give one device per rank or leave devices empty"
+                )
+            for d in devices:
+                try:
+                    torch.device(d)
+                except RuntimeError:
+                    raise ValueError(f"device {d!r} is not a torch device name; use e.g. 'cuda:0' or 'cpu'") from None
+            gpus = [d for d in devices if torch.device(d).type != "cpu"]
+            dup = sorted({d for d in gpus if gpus.count(d) > 1})
+            if dup:
+                raise ValueError(
+                    f"device {dup[0]} is listed more than once; each rank needs a GPU of its own "
+                    "(NCCL cannot run two ranks on one GPU); list distinct devices"
+                )
+
+    @property
+    def split_cfg_possible(self) -> bool:
+        """Whether an even batch is split over two rank halves (before looking at the batch)."""
+        return self.cfg_split is not False and self.world_size % 2 == 0 and self.world_size >= 2
+
+    def is_sync_call(self, call_index: int) -> bool:
+        """Whether the `call_index`-th call (0-based) of one conditioning key runs synchronously."""
+        if self.mode is Mode.FULL_SYNC:
+            return True
+        if self.mode is Mode.NAIVE_PATCH:
+            return False
+        return call_index <= self.warmup_steps

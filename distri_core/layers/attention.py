@@ -1,0 +1,112 @@
+"""Self-attention over a row band: queries of this band, keys and values of the whole image.
+
+A row band is a contiguous range of tokens (both UNet families flatten row-major), so the image's
+K/V is the concatenation of every band's K/V in rank order. This band's K/V are always fresh;
+the other bands' come from this step (sync) or the previous step (DistriFusion).
+
+Two front-ends share `DistriKV`: `DistriSelfAttention`, installed as the forward of ComfyUI's
+`CrossAttention` used as `attn1`, and `DistriAttnProcessor`, a diffusers attention processor.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .base import CallContext, DistriLayer, LayerHost
+
+
+class UnsupportedInputError(ValueError):
+    """An input the patch-parallel UNet cannot split correctly."""
+
+
+def attention_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                    scale: float | None = None, upcast: bool = False) -> torch.Tensor:
+    """softmax(q k^T * scale) v over `heads` heads, for [B, N, heads * d] tensors."""
+    b, nq, inner = q.shape
+    d = inner // heads
+    dtype = q.dtype
+    if upcast and dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+    q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return out.transpose(1, 2).reshape(b, nq, inner).to(dtype)
+
+
+class DistriKV(DistriLayer):
+    """Image-wide K and V for this band's queries."""
+
+    def full_kv(self, ctx: CallContext, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fresh = torch.stack([k, v])  # [2, B, N, C]
+        if ctx.comm_dtype is not None:
+            fresh = fresh.to(ctx.comm_dtype)
+        views, _ = self.exchange(ctx, fresh, scaled_dim=2)
+        parts = [t.to(k.dtype) for t in views]
+        parts[ctx.rank] = torch.stack([k, v])
+        kv = torch.cat(parts, dim=2)
+        self.publish(ctx, fresh)
+        return kv[0], kv[1]
+
+
+class DistriSelfAttention(DistriKV):
+    """Forward of ComfyUI's `CrossAttention` in self-attention use (attn1)."""
+
+    def __call__(self, x: torch.Tensor, context=None, value=None, mask=None, transformer_options={}):
+        ctx = self.ctx
+        if ctx is None:
+            return self.original(x, context=context, value=value, mask=mask, transformer_options=transformer_options)
+        if mask is not None:
+            raise UnsupportedInputError(f"{self.name}: a self-attention mask spans the whole image and "
+                                        "cannot be split into row bands; remove the mask or run on one device")
+        if context is not None or value is not None:
+            raise UnsupportedInputError(f"{self.name}: self-attention received a context/value from an attention "
+                                        "patch (attn1_patch); such patches cannot be split into row bands")
+        m = self.module
+        q, k, v = m.to_q(x), m.to_k(x), m.to_v(x)
+        if ctx.mode.communicates:
+            k, v = self.full_kv(ctx, k, v)
+        upcast = getattr(m, "attn_precision", None) == torch.float32
+        out = attention_heads(q, k, v, m.heads, upcast=upcast)
+        return m.to_out(out)
+
+
+class DistriAttnProcessor(DistriKV):
+    """A diffusers attention processor for self-attention (`attn1`, mid-block attention)."""
+
+    def __init__(self, module: torch.nn.Module, host: LayerHost, name: str, fallback: Callable):
+        super().__init__(module, host, name)
+        self.original = fallback  # the processor it replaces, used when no split is active
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        ctx = self.ctx
+        if ctx is None or encoder_hidden_states is not None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        if attention_mask is not None:
+            raise UnsupportedInputError(f"{self.name}: a self-attention mask cannot be split into row bands")
+        if getattr(attn, "spatial_norm", None) is not None:
+            raise UnsupportedInputError(f"{self.name}: attention with spatial_norm is not supported")
+        residual = hidden_states
+        four_d = hidden_states.ndim == 4
+        if four_d:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        heads = attn.heads
+        d = k.shape[-1] // heads
+        if getattr(attn, "norm_q", None) is not None:
+            q = attn.norm_q(q.unflatten(-1, (heads, d))).flatten(-2)
+        if getattr(attn, "norm_k", None) is not None:
+            k = attn.norm_k(k.unflatten(-1, (heads, d))).flatten(-2)
+        if ctx.mode.communicates:
+            k, v = self.full_kv(ctx, k, v)
+        out = attention_heads(q, k, v, heads)  # as diffusers' AttnProcessor2_0
+        out = attn.to_out[1](attn.to_out[0](out))
+        if four_d:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor

@@ -1,0 +1,121 @@
+"""Conv2d over a row band: the rows above and below the band (the halo) come from the
+neighbouring bands, this step's (sync) or the previous step's (DistriFusion)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import CallContext, DistriLayer, LayerHost
+
+
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def conv_halo(module: torch.nn.Conv2d) -> int:
+    """Rows of context a conv needs above and below a band (0: it can run locally)."""
+    kh, _ = _pair(module.kernel_size)
+    dh, _ = _pair(module.dilation)
+    if module.padding == "valid":
+        return 0
+    if module.padding == "same":
+        span = dh * (kh - 1)
+        if span % 2:
+            raise ValueError(f"conv with padding='same' and an even kernel {module.kernel_size} pads "
+                             "asymmetrically and cannot be split into row bands")
+        return span // 2
+    return _pair(module.padding)[0]
+
+
+def check_conv(module: torch.nn.Conv2d) -> None:
+    """Refuse convs whose row split would not be exact."""
+    if module.padding_mode != "zeros" and conv_halo(module) > 0:
+        raise ValueError(f"conv with padding_mode={module.padding_mode!r} cannot be split into row bands "
+                         "exactly (only zero padding is supported)")
+    sh, _ = _pair(module.stride)
+    if sh not in (1, 2):
+        raise ValueError(f"conv with stride {module.stride} is not supported in a row split (use 1 or 2)")
+
+
+def halo_slot(x: torch.Tensor, p: int) -> torch.Tensor:
+    """The rows a band shares with its neighbours: [first p rows | last p rows] (zero-filled
+    where the band is shorter than p)."""
+    h = x.shape[2]
+    if h >= p:
+        return torch.cat([x[:, :, :p], x[:, :, h - p:]], dim=2)
+    slot = x.new_zeros(x.shape[0], x.shape[1], 2 * p, x.shape[3])
+    slot[:, :, :h] = x
+    slot[:, :, 2 * p - h:] = x
+    return slot
+
+
+def assemble_halo(views: list[torch.Tensor], heights: list[int], rank: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The p rows above and below band `rank`, from every band's halo slot; zeros past the image
+    edge (the conv's own zero padding). Bands shorter than p are walked through."""
+    ref = views[rank]
+
+    def collect(order: range, take_last: bool) -> torch.Tensor:
+        pieces, need = [], p
+        for j in order:
+            if need == 0:
+                break
+            k = min(need, heights[j], p)
+            piece = views[j][:, :, 2 * p - k:] if take_last else views[j][:, :, :k]
+            pieces.append(piece)
+            need -= k
+        if take_last:
+            pieces.reverse()
+        if need:
+            zeros = ref.new_zeros(ref.shape[0], ref.shape[1], need, ref.shape[3])
+            pieces = [zeros] + pieces if take_last else pieces + [zeros]
+        return torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
+
+    above = collect(range(rank - 1, -1, -1), take_last=True)
+    below = collect(range(rank + 1, len(views)), take_last=False)
+    return above, below
+
+
+class DistriConv2d(DistriLayer):
+    """Installed as the forward of an `nn.Conv2d` with a kernel taller than one row."""
+
+    def __init__(self, module: torch.nn.Conv2d, host: LayerHost, name: str):
+        check_conv(module)
+        super().__init__(module, host, name)
+        self.halo = conv_halo(module)
+        self.stride_h = _pair(module.stride)[0]
+        pw = _pair(module.padding)[1] if not isinstance(module.padding, str) else None
+        if module.padding == "same":
+            kw, dw = _pair(module.kernel_size)[1], _pair(module.dilation)[1]
+            pw = dw * (kw - 1) // 2
+        self.pad_w = pw or 0
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        ctx = self.ctx
+        if ctx is None or self.halo == 0 or not ctx.mode.communicates:
+            # One band, or naive patches: the band is the image, the conv pads it with zeros.
+            return self.original(x, *args, **kwargs)
+        x = self._with_halo(ctx, x)
+        out = self._conv(x, (0, self.pad_w))
+        expected = -(-(x.shape[2] - 2 * self.halo) // self.stride_h)
+        if out.shape[2] != expected:
+            raise RuntimeError(f"{self.name}: band of {x.shape[2] - 2 * self.halo} rows gave {out.shape[2]} "
+                               f"output rows, expected {expected}; the band layout is not aligned to this conv")
+        return out
+
+    def _with_halo(self, ctx: CallContext, x: torch.Tensor) -> torch.Tensor:
+        p = self.halo
+        fresh = halo_slot(x, p)
+        if ctx.comm_dtype is not None:
+            fresh = fresh.to(ctx.comm_dtype)
+        views, _ = self.exchange(ctx, fresh)
+        heights = [ctx.bands.scaled(j, x.shape[2], ctx.rank) for j in range(ctx.bands.parts)]
+        above, below = assemble_halo(views, heights, ctx.rank, p)
+        padded = torch.cat([above.to(x.dtype), x, below.to(x.dtype)], dim=2)
+        self.publish(ctx, fresh)
+        return padded
+
+    def _conv(self, x: torch.Tensor, padding) -> torch.Tensor:
+        m = self.module
+        with self.host.weights(m, x) as (w, b):
+            return F.conv2d(x, w, b, m.stride, padding, m.dilation, m.groups)

@@ -1,0 +1,92 @@
+"""GroupNorm over a row band with image-wide statistics.
+
+Each band computes its per-group mean and biased variance; the image-wide values are combined
+with Chan's parallel formula (exact, and never negative), so `full_sync` and `sync_gn` equal
+`nn.GroupNorm`. After warm-up:
+
+- `corrected_async_gn` (paper eq. 2): last step's image-wide E[x] and E[x^2], shifted by this
+  band's change since last step (fresh minus stale): the step-to-step drift is mostly global;
+  a negative variance estimate falls back to this band's own;
+- `stale_gn`: the other bands' last-step statistics combined with this band's fresh ones;
+- `separate_gn`: this band's statistics alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import Mode
+from .base import CallContext, DistriLayer
+
+
+def combine_stats(stats: list[torch.Tensor], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image-wide (mean, biased variance) from per-band [..., 2] (mean, variance) and sizes."""
+    s = torch.stack(stats).double()  # [P, B, G, 2]
+    w = torch.tensor(counts, dtype=torch.float64, device=s.device)
+    w = (w / w.sum()).view(-1, *([1] * (s.dim() - 2)))
+    means, variances = s[..., 0], s[..., 1]
+    mean = (w * means).sum(0)
+    var = (w * (variances + (means - mean) ** 2)).sum(0)
+    return mean.float(), var.float()
+
+
+def corrected_stats(stale: list[torch.Tensor], counts: list[int], rank: int, fresh: torch.Tensor):
+    """DistriFusion's corrected estimate: E_t ~ E_{t+1} (image) + E_t (band) - E_{t+1} (band)."""
+    old_mean, old_var = combine_stats(stale, counts)
+    s_old, s_new = stale[rank].double(), fresh.double()
+    mean = old_mean.double() + s_new[..., 0] - s_old[..., 0]
+    second = (old_var.double() + old_mean.double() ** 2) + (s_new[..., 1] + s_new[..., 0] ** 2) \
+        - (s_old[..., 1] + s_old[..., 0] ** 2)
+    var = second - mean ** 2
+    var = torch.where(var < 0, s_new[..., 1], var)
+    return mean.float(), var.float()
+
+
+class DistriGroupNorm(DistriLayer):
+    """Installed as the forward of an `nn.GroupNorm` (any input [B, C, *])."""
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        ctx = self.ctx
+        if ctx is None:
+            return self.original(x, *args, **kwargs)
+        m = self.module
+        b, c = x.shape[:2]
+        groups = m.num_groups
+        xg = x.reshape(b, groups, -1)
+        xs = xg if xg.dtype in (torch.float32, torch.float64) else xg.float()
+        var, mean = torch.var_mean(xs, dim=-1, correction=0)
+        mean, var = self._global(ctx, mean.float(), var.float(), xg.shape[-1])
+
+        rstd = torch.rsqrt(var + m.eps)
+        scale = rstd.repeat_interleave(c // groups, dim=1)
+        shift = -mean.repeat_interleave(c // groups, dim=1) * scale
+        if m.affine:
+            with self.host.weights(m, x) as (w, bias):
+                w = w.float()
+                scale = scale * w
+                shift = shift * w
+                if bias is not None:
+                    shift = shift + bias.float()
+        view = (b, c) + (1,) * (x.dim() - 2)
+        out = torch.addcmul(shift.view(view), x, scale.view(view))
+        return out.to(x.dtype)
+
+    def _global(self, ctx: CallContext, mean: torch.Tensor, var: torch.Tensor, n_own: int):
+        mode = ctx.mode
+        if not mode.communicates or (mode is Mode.SEPARATE_GN and not ctx.sync):
+            return mean, var
+        fresh = torch.stack([mean, var], dim=-1)
+        counts = [ctx.bands.scaled(j, n_own, ctx.rank) for j in range(ctx.bands.parts)]
+        if ctx.sync or mode is Mode.SYNC_GN:
+            keep = mode in (Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN)  # the only modes that read them stale
+            views = ctx.exchanger.gather(self.name, fresh, None, keep=keep)
+            return combine_stats(views, counts)
+        views, _ = self.exchange(ctx, fresh)
+        if mode is Mode.CORRECTED_ASYNC_GN:
+            result = corrected_stats(views, counts, ctx.rank, fresh)
+        else:
+            stats = list(views)
+            stats[ctx.rank] = fresh
+            result = combine_stats(stats, counts)
+        self.publish(ctx, fresh)
+        return result

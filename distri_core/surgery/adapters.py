@@ -1,0 +1,135 @@
+"""The two UNet families: how to call them and how to cut their inputs to a batch chunk and a
+row band. Recognised by their structure (duck typing), so this package never imports ComfyUI.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layers.attention import UnsupportedInputError
+from .walk import UnsupportedModelError, slice_rows
+
+log = logging.getLogger("distri_core")
+
+# ComfyUI transformer_options patch kinds that act on one token or the embedding only. Every other
+# patch sees spatial shapes, masks or whole blocks and would be wrong on a band.
+_COMFY_SAFE_PATCHES = {"emb_patch"}
+
+
+def chunk_batch(value: Any, start: int, stop: int, batch: int) -> Any:
+    """Cut every tensor whose first dim is the batch to [start, stop) (recursing into
+    dicts, lists and tuples); everything else passes through."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 0 and value.shape[0] == batch and (start, stop) != (0, batch):
+            return value[start:stop]
+        return value
+    if isinstance(value, dict):
+        return {k: chunk_batch(v, start, stop, batch) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(chunk_batch(v, start, stop, batch) for v in value)
+    return value
+
+
+def band_spatial(value: Any, start: int, stop: int, height: int) -> Any:
+    """Cut every 4-D tensor (a residual added inside the UNet) to its row band."""
+    if isinstance(value, torch.Tensor):
+        return slice_rows(value, start, stop, height) if value.dim() == 4 else value
+    if isinstance(value, dict):
+        return {k: band_spatial(v, start, stop, height) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(band_spatial(v, start, stop, height) for v in value)
+    return value
+
+
+class UNetAdapter:
+    """Calls one UNet family on a chunk/band. `spatial` names inputs holding per-level residuals."""
+
+    family = "unet"
+    spatial: tuple[str, ...] = ()
+    refused: tuple[str, ...] = ()
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def check(self, kwargs: dict) -> None:
+        for name in self.refused:
+            if kwargs.get(name) is not None:
+                raise UnsupportedInputError(f"{name} cannot be split into row bands (it spans the whole image); "
+                                            f"remove it or run on one device")
+
+    def cut(self, kwargs: dict, chunk: tuple[int, int], batch: int, rows: tuple[int, int], height: int) -> dict:
+        out = {}
+        for k, v in kwargs.items():
+            v = chunk_batch(v, chunk[0], chunk[1], batch)
+            if k in self.spatial:
+                v = band_spatial(v, rows[0], rows[1], height)
+            out[k] = v
+        return out
+
+    def __call__(self, model: nn.Module, x, timesteps, context, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ComfyUNetAdapter(UNetAdapter):
+    """ComfyUI's `UNetModel` (SD1.x, SD2.x, SDXL): forward(x, timesteps, context, y, control,
+    transformer_options)."""
+
+    family = "comfy"
+    spatial = ("control",)
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return all(hasattr(model, a) for a in ("input_blocks", "middle_block", "output_blocks", "out"))
+
+    def check(self, kwargs: dict) -> None:
+        super().check(kwargs)
+        to = kwargs.get("transformer_options") or {}
+        found = [f"patches.{k}" for k, v in (to.get("patches") or {}).items() if v and k not in _COMFY_SAFE_PATCHES]
+        found += [f"patches_replace.{k}" for k, v in (to.get("patches_replace") or {}).items() if v]
+        if found:
+            raise UnsupportedInputError(
+                f"model patches {', '.join(sorted(found))} act on whole-image activations and cannot be split "
+                "into row bands; remove them (e.g. FreeU, HyperTile, Deep Shrink, attention patches) or run on "
+                "one device"
+            )
+        for k in ("num_video_frames", "image_only_indicator", "time_context"):
+            if kwargs.get(k) is not None:
+                raise UnsupportedInputError(f"{k}: video UNets are not supported")
+
+    def __call__(self, model, x, timesteps, context, **kwargs):
+        to = dict(kwargs.pop("transformer_options", None) or {})
+        to.pop("optimized_attention_override", None)
+        control = kwargs.pop("control", None)
+        if control is not None:  # UNetModel pops from these lists: give it its own
+            control = {k: list(v) for k, v in control.items()}
+        return model(x, timesteps, context, control=control, transformer_options=to, **kwargs)
+
+
+class DiffusersUNetAdapter(UNetAdapter):
+    """diffusers' `UNet2DConditionModel`."""
+
+    family = "diffusers"
+    spatial = ("down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals")
+    refused = ("attention_mask",)
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return all(hasattr(model, a) for a in ("down_blocks", "up_blocks", "conv_in", "conv_out"))
+
+    def __call__(self, model, x, timesteps, context, **kwargs):
+        return model(x, timesteps, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
+
+
+def adapter_for(model: nn.Module) -> UNetAdapter:
+    for cls in (ComfyUNetAdapter, DiffusersUNetAdapter):
+        if cls.matches(model):
+            return cls()
+    raise UnsupportedModelError(
+        f"{type(model).__name__} is not a supported UNet; supported are ComfyUI's UNetModel (SD1.x, SD2.x, "
+        "SDXL) and diffusers' UNet2DConditionModel"
+    )

@@ -1,0 +1,176 @@
+"""The displaced-patch-parallel UNet: one forward pass split into row bands over the ranks of a
+process group, with stale state kept per (conditioning key, input shape, layout)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Hashable
+
+import torch
+from torch import nn
+
+from ..config import CommDtype, Mode, PatchParallelConfig
+from ..layers.base import CallContext, LayerHost, WeightAccessor
+from ..layout import CallLayout, make_layout
+from ..surgery.adapters import adapter_for, chunk_batch
+from ..surgery.walk import install_layers
+from .comm import CommStats, StaleBuffers, all_gather_rows
+from .groups import ParallelGroups, single
+
+log = logging.getLogger("distri_core")
+
+
+@dataclass
+class _KeyState:
+    buffers: StaleBuffers
+    calls: int = 0
+
+
+@dataclass
+class BandResult:
+    """This rank's share of one call: output rows [rows) of batch items [chunk)."""
+
+    output: torch.Tensor
+    layout: CallLayout
+    chunk: tuple[int, int]
+    rows: tuple[int, int]
+    shape: tuple[int, ...] = field(default=())  # full output shape
+
+
+class DistriUNet:
+    """Runs `model` patch-parallel. Call it on every rank with the same full-size inputs.
+
+    The engine takes ownership of `model`: it installs its layers on the model's modules (undone
+    by `close()`); weights stay where they are and are read at call time through `weights`
+    (default: the module's own parameters; ComfyUI callers pass `comfy.ops.cast_bias_weight`).
+    """
+
+    def __init__(self, model: nn.Module, config: PatchParallelConfig, groups: ParallelGroups | None = None,
+                 *, weights: WeightAccessor | None = None, bucket_bytes: int = 8 << 20):
+        groups = groups or single()
+        if groups.size != config.world_size:
+            raise ValueError(f"config.world_size={config.world_size} but the process group has {groups.size} "
+                             "rank(s); build the config with the group's size")
+        self.model = model
+        self.config = config
+        self.groups = groups
+        self.adapter = adapter_for(model)
+        self.host = LayerHost(weights)
+        self.installed = install_layers(model, self.host)
+        self.bucket_bytes = bucket_bytes
+        self.stats = CommStats()
+        self._keys: dict[Hashable, _KeyState] = {}
+
+    @property
+    def unit(self) -> int:
+        """Band heights are multiples of this many latent rows."""
+        return self.installed.unit
+
+    def layout(self, batch: int, height: int) -> CallLayout:
+        return make_layout(self.groups.size, batch, height, self.unit, self.config.split_cfg_possible)
+
+    # -- calls ----------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, timesteps, context=None, *, key: Hashable = None,
+                 sync: bool | None = None, **kwargs) -> torch.Tensor:
+        """The full UNet output for the full input `x` [B, C, H, W] (every rank gets it)."""
+        return self.assemble(self.forward_band(x, timesteps, context, key=key, sync=sync, **kwargs))
+
+    def forward_band(self, x: torch.Tensor, timesteps, context=None, *, key: Hashable = None,
+                     sync: bool | None = None, **kwargs) -> BandResult:
+        """Compute this rank's band only. `key` names the conditioning (stale state is kept per
+        key and input shape); `sync` forces (True) or skips (False) exact context for this call,
+        default: the first call of a key plus `warmup_steps` more are exact."""
+        if x.dim() != 4:
+            raise ValueError(f"expected a latent [B, C, H, W], got shape {tuple(x.shape)}")
+        self.adapter.check(kwargs)
+        batch, _, height, _ = x.shape
+        layout = self.layout(batch, height)
+        g, band = layout.locate(self.groups.rank)
+        chunk, rows = layout.chunks[g], layout.bands.rows(band)
+        state = self._state(key, x, layout, g, band)
+        mode = self.config.mode
+        if not mode.communicates:
+            is_sync = False
+        elif state.calls == 0 or mode is Mode.FULL_SYNC:
+            is_sync = True  # no stale state yet, or the exact mode
+        else:
+            is_sync = sync if sync is not None else self.config.is_sync_call(state.calls)
+        comm_dtype = None if self.config.comm_dtype is CommDtype.AUTO else self.config.comm_dtype.resolve(x.dtype)
+
+        xb = x[chunk[0]:chunk[1], :, rows[0]:rows[1]]
+        tb = chunk_batch(timesteps, chunk[0], chunk[1], batch)
+        cb = chunk_batch(context, chunk[0], chunk[1], batch)
+        kw = self.adapter.cut(kwargs, chunk, batch, rows, height)
+
+        self.host.call = CallContext(mode, is_sync, band, layout.bands, state.buffers, comm_dtype)
+        state.buffers.begin_call()
+        try:
+            out = self.adapter(self.model, xb, tb, cb, **kw)
+            state.buffers.end_call()
+        except BaseException:
+            # A failed call leaves this key's exchanges half done: forget the key (its buffers may
+            # still be targets of gathers in flight, so they are dropped, not reused).
+            self._keys.pop(self._key(key, x, layout), None)
+            raise
+        finally:
+            self.host.call = None
+        state.calls += 1
+        self.stats.calls += 1
+        return BandResult(out, layout, chunk, rows, (batch, out.shape[1], height, out.shape[3]))
+
+    def assemble(self, part: BandResult) -> torch.Tensor:
+        """All-gather every rank's band into the full output."""
+        layout, shape = part.layout, part.shape
+        if self.groups.size == 1:
+            return part.output
+        placement = []
+        for r in range(self.groups.size):
+            g, band = layout.locate(r)
+            c0, c1 = layout.chunks[g]
+            r0, r1 = layout.bands.rows(band)
+            placement.append((c0, c1, r0, r1, (c1 - c0, shape[1], r1 - r0, shape[3])))
+        slot = max(s[0] * s[1] * s[2] * s[3] for *_, s in placement)
+        out = part.output
+        rows = out.new_empty(self.groups.size, slot)
+        rows[self.groups.rank, :out.numel()].copy_(out.reshape(-1))
+        all_gather_rows(rows, self.groups.rank, self.groups.group)
+        self.stats.add(slot * rows.element_size(), self.groups.size - 1)
+        full = out.new_empty(shape)
+        for r, (c0, c1, r0, r1, s) in enumerate(placement):
+            full[c0:c1, :, r0:r1] = rows[r, :s[0] * s[1] * s[2] * s[3]].view(s)
+        return full
+
+    # -- stale state ------------------------------------------------------------------------
+    @staticmethod
+    def _key(key: Hashable, x: torch.Tensor, layout: CallLayout) -> Hashable:
+        return (key, tuple(x.shape), x.dtype, str(x.device), len(layout.groups))
+
+    def _state(self, key: Hashable, x: torch.Tensor, layout: CallLayout, g: int, band: int) -> _KeyState:
+        k = self._key(key, x, layout)
+        state = self._keys.get(k)
+        if state is None:
+            if len(layout.groups) == 1:
+                group = self.groups.group
+            else:
+                group = self.groups.halves[g]
+            buffers = StaleBuffers(group, band, layout.bands.parts, layout.bands, self.config.mode.uses_stale,
+                                   self.stats, self.bucket_bytes)
+            state = self._keys[k] = _KeyState(buffers)
+        return state
+
+    @property
+    def stale_bytes(self) -> int:
+        """Memory held for stale activations (all keys)."""
+        return sum(s.buffers.nbytes for s in self._keys.values())
+
+    def reset(self) -> None:
+        """Forget all stale state (call between sampling runs). Waits for gathers in flight."""
+        for s in self._keys.values():
+            s.buffers.close()
+        self._keys.clear()
+
+    def close(self) -> None:
+        """Reset and give the model back as it was."""
+        self.reset()
+        self.installed.undo()

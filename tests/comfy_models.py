@@ -1,0 +1,61 @@
+"""Tiny ComfyUI UNets built in-process with ComfyUI's own classes and random weights."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+TINY = {
+    # SD1.x layout: conv projections, 768-dim context in the real model (32 here), 8 heads.
+    "sd15": dict(model_channels=32, channel_mult=[1, 2, 2], num_res_blocks=[1, 1, 1],
+                 transformer_depth=[1, 1, 0], transformer_depth_output=[1, 1, 1, 1, 0, 0],
+                 transformer_depth_middle=1, use_linear_in_transformer=False, context_dim=32,
+                 adm_in_channels=None),
+    # SDXL layout: linear projections, no attention at the top level, label embedding (adm).
+    "sdxl": dict(model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=[1, 1, 1],
+                 transformer_depth=[0, 1, 2], transformer_depth_output=[0, 0, 1, 1, 2, 2],
+                 transformer_depth_middle=1, use_linear_in_transformer=True, context_dim=64,
+                 adm_in_channels=2816, num_classes="sequential"),
+}
+
+
+def setup(path: str) -> None:
+    """Make ComfyUI importable on CPU (idempotent)."""
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401
+
+
+def build(kind: str = "sd15", seed: int = 0):
+    """A ComfyUI BaseModel (model.diffusion_model is the UNetModel) with random weights."""
+    import comfy.supported_models
+
+    from distri_core.zoo import randomize
+
+    cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+           "legacy": False, "in_channels": 4, "use_temporal_resblock": False, "use_temporal_attention": False,
+           **TINY[kind]}
+    config_cls = comfy.supported_models.SD15 if kind == "sd15" else comfy.supported_models.SDXL
+    model_config = config_cls(cfg)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    randomize(model.diffusion_model, seed)
+    return model.eval().requires_grad_(False)
+
+
+def comfy_weights(module, x):
+    """The weight accessor ComfyUI layers need: comfy.ops.cast_bias_weight when the op casts or
+    carries weight patches, else the plain parameters."""
+    import comfy.ops
+
+    from distri_core.layers.base import plain_weights
+
+    if getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None) \
+            or getattr(module, "bias_function", None):
+        w, b, stream = comfy.ops.cast_bias_weight(module, x, offloadable=True)
+        return w, b, (lambda: comfy.ops.uncast_bias_weight(module, w, b, stream))
+    return plain_weights(module, x)

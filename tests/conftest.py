@@ -1,0 +1,72 @@
+"""Shared fixtures: a persistent 4-rank gloo cluster, and the real ComfyUI when present."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from distri_core.runtime.launch import LocalCluster  # noqa: E402
+
+COMFY_HINT = (
+    "ComfyUI not found: set COMFYUI_PATH to a ComfyUI checkout, or install one at ~/comfy/ComfyUI "
+    "(git clone https://github.com/comfyanonymous/ComfyUI ~/comfy/ComfyUI, or `comfy install`) and "
+    "install its requirements into this environment: pip install -r ~/comfy/ComfyUI/requirements.txt"
+)
+
+
+def comfy_path() -> Path | None:
+    """$COMFYUI_PATH, else ~/comfy/ComfyUI, if it holds a ComfyUI checkout."""
+    for p in (os.environ.get("COMFYUI_PATH"), str(Path.home() / "comfy" / "ComfyUI")):
+        if p and (Path(p) / "comfy" / "model_management.py").is_file():
+            return Path(p)
+    return None
+
+
+@pytest.fixture(scope="session")
+def comfy_root() -> Path:
+    path = comfy_path()
+    if path is None:
+        pytest.skip(COMFY_HINT)
+    try:
+        import comfy_models
+
+        comfy_models.setup(str(path))
+    except ImportError as e:
+        pytest.skip(f"{COMFY_HINT} ({type(e).__name__}: {e})")
+    return path
+
+
+class ClusterHandle:
+    """Starts the cluster on first use and again after a failure killed it."""
+
+    def __init__(self, world: int):
+        self.world = world
+        self._cluster: LocalCluster | None = None
+
+    def run(self, fn, *args, size: int, timeout: float = 600, **kwargs):
+        if self._cluster is None:
+            self._cluster = LocalCluster(self.world)
+        try:
+            return self._cluster.run(fn, *args, size=size, timeout=timeout, **kwargs)
+        except (TimeoutError, RuntimeError) as e:
+            if not self._cluster.alive:
+                self._cluster = None
+            raise e
+
+    def close(self):
+        if self._cluster is not None:
+            self._cluster.close()
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    handle = ClusterHandle(4)
+    yield handle
+    handle.close()

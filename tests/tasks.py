@@ -1,0 +1,148 @@
+"""Functions the tests run on every rank of the gloo cluster (module level, so they pickle).
+
+Each builds the same random-weight model on every rank (deterministic seeds), runs it
+patch-parallel, and on rank 0 also runs it on one device for reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distri_core import PatchParallelConfig
+from distri_core.runtime.engine import DistriUNet
+from distri_core.sampling import ddim_sample
+
+
+def build(family: str, kind: str, comfy_path: str | None = None):
+    """(UNet module, plain single-device call, weight accessor) for a model family."""
+    if family == "diffusers":
+        from distri_core import zoo
+
+        unet = zoo.build(kind)
+
+        def plain(x, t, ctx, **kw):
+            return unet(x, t, encoder_hidden_states=ctx, return_dict=False, **kw)[0]
+
+        return unet, plain, None
+    import comfy_models
+
+    comfy_models.setup(comfy_path)
+    unet = comfy_models.build(kind).diffusion_model
+
+    def plain(x, t, ctx, **kw):
+        return unet(x, t, ctx, **kw)
+
+    return unet, plain, comfy_models.comfy_weights
+
+
+def inputs(family: str, kind: str, batch: int, height: int, width: int, seed: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, height, width, generator=g)
+    t = torch.full((batch,), 500.0)
+    dim = {"micro": 32, "tiny": 64, "sd15": 32, "sdxl": 64}[kind]
+    ctx = torch.randn(batch, 7, dim, generator=g)
+    kw = {}
+    if family == "comfy" and kind == "sdxl":
+        kw["y"] = torch.randn(batch, 2816, generator=g)
+    return x, t, ctx, kw
+
+
+def _engine(info, unet, accessor, **cfg):
+    config = PatchParallelConfig(world_size=info.world, **cfg)
+    return DistriUNet(unet, config, info.groups, weights=accessor)
+
+
+def call_errors(info, family, kind, batch, height, width, calls=3, comfy_path=None, extra=None, **cfg):
+    """Max |parallel - single| of `calls` consecutive calls whose input drifts slightly."""
+    unet, plain, accessor = build(family, kind, comfy_path)
+    x, t, ctx, kw = inputs(family, kind, batch, height, width)
+    kw.update(extra or {})
+    seq = [(x * (1 - 0.02 * i), t - 10 * i) for i in range(calls)]
+    with torch.inference_mode():
+        refs = [plain(xi, ti, ctx, **_fresh(kw)) for xi, ti in seq] if info.rank == 0 else None
+        engine = _engine(info, unet, accessor, **cfg)
+        outs = [engine(xi, ti, ctx, **_fresh(kw)) for xi, ti in seq]
+        stats = engine.stats.snapshot()
+        engine.close()
+    if info.rank:
+        return None
+    scale = max(float(r.abs().max()) for r in refs)
+    return {"errors": [float((o - r).abs().max()) for o, r in zip(outs, refs)], "scale": scale, "stats": stats}
+
+
+def _fresh(kw: dict) -> dict:
+    """ComfyUI's UNet pops control lists: every call gets its own copy."""
+    out = dict(kw)
+    if "control" in out:
+        out["control"] = {k: list(v) for k, v in out["control"].items()}
+    return out
+
+
+def denoise(info, family, kind, batch, height, width, steps, modes, warmup=2, guidance=1.0, comfy_path=None, **cfg):
+    """Final latents of a DDIM loop: single device on rank 0, then each mode on all ranks.
+    Returns {mode: (max abs error, mean abs error)} and the reference scale (rank 0)."""
+    unet, plain, accessor = build(family, kind, comfy_path)
+    x, _, ctx, kw = inputs(family, kind, 1, height, width, seed=11)
+    ctx = torch.cat([ctx, torch.zeros_like(ctx)]) if guidance != 1.0 else ctx
+
+    def eps_fn(call):
+        def fn(xt, t, i):
+            xx = torch.cat([xt, xt]) if guidance != 1.0 else xt
+            out = call(xx, torch.full((xx.shape[0],), float(t)), ctx)
+            if guidance == 1.0:
+                return out
+            c, u = out.chunk(2)
+            return u + guidance * (c - u)
+        return fn
+
+    result = {}
+    with torch.inference_mode():
+        ref = ddim_sample(eps_fn(lambda a, b, c: plain(a, b, c, **kw)), x, steps) if info.rank == 0 else None
+        for mode in modes:
+            engine = _engine(info, unet, accessor, mode=mode, warmup_steps=warmup, **cfg)
+            out = ddim_sample(eps_fn(lambda a, b, c: engine(a, b, c, **kw)), x, steps)
+            engine.close()
+            if info.rank == 0:
+                d = (out - ref).abs()
+                result[mode] = (float(d.max()), float(d.mean()))
+    if info.rank:
+        return None
+    return {"errors": result, "scale": float(ref.abs().mean())}
+
+
+def keyed_calls(info, family, kind, height, width, warmup, comfy_path=None):
+    """cond and uncond as separate, interleaved calls with their own keys (as ComfyUI may send
+    them). Returns per-call errors in call order: (key, step, error)."""
+    unet, plain, accessor = build(family, kind, comfy_path)
+    x, t, ctx, kw = inputs(family, kind, 2, height, width)
+    conds = {"cond": (ctx[:1], {k: v[:1] for k, v in kw.items()}), "uncond": (ctx[1:], {k: v[1:] for k, v in kw.items()})}
+    out = []
+    with torch.inference_mode():
+        engine = _engine(info, unet, accessor, mode="corrected_async_gn", warmup_steps=warmup)
+        for step in range(warmup + 3):
+            xi, ti = x[:1] * (1 - 0.02 * step), t[:1] - 10 * step
+            for key, (c, k) in conds.items():
+                got = engine(xi, ti, c, key=key, **k)
+                if info.rank == 0:
+                    out.append((key, step, float((got - plain(xi, ti, c, **k)).abs().max())))
+        engine.close()
+    return out if info.rank == 0 else None
+
+
+def expect_error(info, family, kind, batch, height, width, extra=None, comfy_path=None, **cfg):
+    """Run one call that must fail; return (exception type name, message) on every rank."""
+    unet, _, accessor = build(family, kind, comfy_path)
+    x, t, ctx, kw = inputs(family, kind, batch, height, width)
+    kw.update(extra or {})
+    try:
+        engine = _engine(info, unet, accessor, **cfg)
+        with torch.inference_mode():
+            engine(x, t, ctx, **kw)
+    except Exception as e:  # noqa: BLE001 - the test inspects it
+        return type(e).__name__, str(e)
+    return None
+
+
+def identity_attn1_patch(n, context, value, extra_options):
+    """A ComfyUI attn1_patch (as IPAdapter-style packs install) that changes nothing."""
+    return n, context, value

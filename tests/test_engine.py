@@ -1,0 +1,146 @@
+"""The engine on gloo ranks against one device: diffusers' UNet and ComfyUI's own UNetModel.
+
+The oracle is exactness: `full_sync` must equal the single-device output up to float32
+rounding (max abs difference < 1e-4 on unit-scale outputs) for any rank count, even and
+uneven bands, and CFG split. The stale modes must beat `naive_patch` by a wide margin.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import tasks
+
+EXACT = 1e-4
+
+# (family, model kind, latent height, latent width): H != W catches row/column mix-ups.
+MODELS = [
+    pytest.param("diffusers", "micro", 48, 40, id="diffusers-micro"),
+    pytest.param("comfy", "sd15", 48, 40, id="comfy-sd15"),
+    pytest.param("comfy", "sdxl", 48, 32, id="comfy-sdxl"),
+]
+
+
+@pytest.fixture
+def comfy_arg(request):
+    """comfy_path keyword for tasks (skips comfy cases where ComfyUI is absent)."""
+    family = request.node.callspec.params.get("family")
+    if family != "comfy":
+        return {}
+    return {"comfy_path": str(request.getfixturevalue("comfy_root"))}
+
+
+@pytest.mark.parametrize("family, kind, height, width", MODELS)
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
+def test_full_sync_equals_single_device(cluster, comfy_arg, family, kind, height, width, ranks):
+    r = cluster.run(tasks.call_errors, family, kind, 2, height, width, 2, mode="full_sync", cfg_split=False,
+                    size=ranks, **comfy_arg)[0]
+    assert max(r["errors"]) < EXACT, r
+    assert r["scale"] > 0.1  # a real output, not zeros
+    if ranks > 1:
+        assert r["stats"]["bytes_sent"] > 0
+
+
+@pytest.mark.parametrize("family, kind, height, width", MODELS)
+def test_uneven_bands_are_exact(cluster, comfy_arg, family, kind, height, width):
+    # 3 ranks over 40 rows and 4 ranks over 44 rows give bands of unequal height.
+    for ranks, h in ((3, 40), (4, 44)):
+        if kind != "micro":
+            h = {40: 40, 44: 52}[h]  # comfy tiny models halve twice: heights multiple of 4
+        r = cluster.run(tasks.call_errors, family, kind, 1, h, width, 2, mode="full_sync", size=ranks, **comfy_arg)[0]
+        assert max(r["errors"]) < EXACT, (ranks, h, r)
+
+
+@pytest.mark.parametrize("family, kind, height, width", MODELS)
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_cfg_split_equals_unsplit(cluster, comfy_arg, family, kind, height, width, ranks):
+    r = cluster.run(tasks.call_errors, family, kind, 2, height, width, 2, mode="full_sync", cfg_split=True,
+                    size=ranks, **comfy_arg)[0]
+    assert max(r["errors"]) < EXACT, r
+
+
+@pytest.mark.parametrize("family, kind, height, width", MODELS)
+def test_stale_modes_after_warmup_beat_naive_patch(cluster, comfy_arg, family, kind, height, width):
+    modes = ["full_sync", "corrected_async_gn", "sync_gn", "stale_gn", "separate_gn", "naive_patch"]
+    r = cluster.run(tasks.denoise, family, kind, 1, height, width, 10, modes, 2, size=2, **comfy_arg)[0]
+    err = {m: e[1] for m, e in r["errors"].items()}  # mean abs error of the final latent
+    assert r["errors"]["full_sync"][0] < 1e-3 * max(1.0, r["scale"]), r
+    naive = err["naive_patch"]
+    assert naive > 0.05 * r["scale"], r  # the split matters for this model and size
+    for mode in ("corrected_async_gn", "sync_gn"):
+        assert err[mode] < naive / 5, (mode, r)
+    for mode in ("stale_gn", "separate_gn"):
+        assert err[mode] < naive / 2, (mode, r)
+    # DistriFusion's correction beats both uncorrected estimates
+    assert err["corrected_async_gn"] < min(err["stale_gn"], err["separate_gn"]), r
+
+
+def test_warmup_and_stale_state_are_per_key(cluster):
+    # cond and uncond arrive as separate calls: each key has its own warm-up and stale state,
+    # so the first (1 + warmup) calls of EACH key are exact.
+    out = cluster.run(tasks.keyed_calls, "diffusers", "micro", 48, 40, 2, size=2)[0]
+    for key, step, err in out:
+        if step <= 2:
+            assert err < EXACT, (key, step, err)
+        else:
+            assert 0 < err < 1.0, (key, step, err)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_control_residuals_are_sliced_per_band(cluster, comfy_root, ranks):
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    # ComfyUI's control dict: per-level residuals at full resolution (ControlNet/T2I outputs).
+    control = {"input": [torch.randn(1, 32, 48, 40, generator=g), None, torch.randn(1, 64, 24, 20, generator=g)],
+               "middle": [torch.randn(1, 64, 12, 10, generator=g)],
+               "output": [torch.randn(1, 32, 48, 40, generator=g), torch.randn(1, 64, 12, 10, generator=g)]}
+    r = cluster.run(tasks.call_errors, "comfy", "sd15", 1, 48, 40, 2, mode="full_sync", extra={"control": control},
+                    comfy_path=str(comfy_root), size=ranks)[0]
+    assert max(r["errors"]) < EXACT, r
+
+
+@pytest.mark.parametrize("family, kind, height, width, ranks, extra, fragment", [
+    ("diffusers", "micro", 49, 40, 2, {}, "latent height 49 is not a multiple of 2"),
+    ("diffusers", "micro", 4, 40, 4, {}, "holds only 2 block(s) of 2 rows"),
+    ("comfy", "sd15", 50, 40, 2, {}, "latent height 50 is not a multiple of 4"),
+    ("diffusers", "micro", 48, 40, 2, "mask", "attention_mask cannot be split"),
+    ("comfy", "sd15", 48, 40, 2, "patch", "patches.attn1_patch"),
+])
+def test_bad_inputs_are_refused_on_every_rank_and_the_cluster_survives(cluster, comfy_arg, family, kind, height,
+                                                                        width, ranks, extra, fragment):
+    import torch
+
+    if extra == "mask":
+        extra = {"attention_mask": torch.ones(1, 7)}
+    elif extra == "patch":
+        extra = {"transformer_options": {"patches": {"attn1_patch": [tasks.identity_attn1_patch]}}}
+    results = cluster.run(tasks.expect_error, family, kind, 1, height, width, extra, size=ranks, **comfy_arg)
+    for r in results:
+        assert r is not None and fragment in r[1], results
+    # the ranks are still in step: an exact run works right after
+    r = cluster.run(tasks.call_errors, "diffusers", "micro", 1, 48, 40, 1, mode="full_sync", size=ranks)[0]
+    assert max(r["errors"]) < EXACT
+
+
+def test_unsupported_model_is_refused_and_left_untouched():
+    import torch
+    from torch import nn
+
+    from distri_core.runtime.engine import DistriUNet
+    from distri_core.surgery.walk import UnsupportedModelError, install_layers
+    from distri_core.layers.base import LayerHost
+    from distri_core import PatchParallelConfig
+
+    with pytest.raises(UnsupportedModelError, match="not a supported UNet"):
+        DistriUNet(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1)), PatchParallelConfig())
+    video = nn.Sequential(nn.GroupNorm(2, 4), nn.Conv3d(4, 4, 3, padding=1))
+    with pytest.raises(UnsupportedModelError, match="Conv3d, which this package cannot split"):
+        install_layers(video, LayerHost())
+    assert all("forward" not in m.__dict__ for m in video.modules())
+    reflect = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(UnsupportedModelError, match="padding_mode='reflect'"):
+        install_layers(reflect, LayerHost())
+    assert all("forward" not in m.__dict__ for m in reflect.modules())
+    x = torch.randn(1, 4, 8, 8)
+    assert reflect(x).shape == x.shape

@@ -14,6 +14,7 @@ with Chan's parallel formula (exact, and never negative), so `full_sync` and `sy
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..config import Mode
 from .base import CallContext, DistriLayer
@@ -42,39 +43,48 @@ def corrected_stats(stale: list[torch.Tensor], counts: list[int], rank: int, fre
     return mean.float(), var.float()
 
 
+def band_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This band's per-group mean and biased variance, [B, G] float64, from sums accumulated in
+    float32 (one fast pass; no copy of half-precision inputs)."""
+    xs = x.reshape(x.shape[0], groups, -1)
+    n = xs.shape[-1]
+    mean = xs.sum(-1, dtype=torch.float32).double() / n
+    second = torch.linalg.vector_norm(xs, dim=-1, dtype=torch.float32).double() ** 2 / n
+    return mean, (second - mean ** 2).clamp_min(0.0)
+
+
 class DistriGroupNorm(DistriLayer):
     """Installed as the forward of an `nn.GroupNorm` (any input [B, C, *])."""
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         ctx = self.ctx
-        if ctx is None:
-            return self.original(x, *args, **kwargs)
+        mode = ctx.mode if ctx is not None else None
+        if ctx is None or not mode.communicates or (mode is Mode.SEPARATE_GN and not ctx.sync):
+            return self.original(x, *args, **kwargs)  # this band's statistics alone
         m = self.module
         b, c = x.shape[:2]
-        groups = m.num_groups
-        xg = x.reshape(b, groups, -1)
-        xs = xg if xg.dtype in (torch.float32, torch.float64) else xg.float()
-        var, mean = torch.var_mean(xs, dim=-1, correction=0)
-        mean, var = self._global(ctx, mean.float(), var.float(), xg.shape[-1])
-
-        rstd = torch.rsqrt(var + m.eps)
-        scale = rstd.repeat_interleave(c // groups, dim=1)
-        shift = -mean.repeat_interleave(c // groups, dim=1) * scale
+        groups, per = m.num_groups, c // m.num_groups
+        mean_l, var_l = band_stats(x, groups)
+        mean_g, var_g = self._global(ctx, mean_l.float(), var_l.float(), x[0, 0].numel() * per)
+        # The native kernel normalizes with this band's statistics; a per-(batch, channel) affine
+        # turns that into normalization with the image-wide ones:
+        #   (x - mg) * rg * w + b = ((x - ml) * rl) * (w * rg / rl) + (b + w * (ml - mg) * rg)
+        rstd_l = torch.rsqrt(var_l + m.eps)
+        rstd_g = torch.rsqrt(var_g.double() + m.eps)
+        scale = (rstd_g / rstd_l).repeat_interleave(per, dim=1)
+        shift = ((mean_l - mean_g.double()) * rstd_g).repeat_interleave(per, dim=1)
         if m.affine:
             with self.host.weights(m, x) as (w, bias):
-                w = w.float()
-                scale = scale * w
-                shift = shift * w
+                w = w.double()
+                scale, shift = scale * w, shift * w
                 if bias is not None:
-                    shift = shift + bias.float()
-        view = (b, c) + (1,) * (x.dim() - 2)
-        out = torch.addcmul(shift.view(view), x, scale.view(view))
-        return out.to(x.dtype)
+                    shift = shift + bias.double()
+        flat = x.reshape(1, b * c, *x.shape[2:])
+        out = F.group_norm(flat, b * groups, scale.reshape(-1).to(x.dtype), shift.reshape(-1).to(x.dtype), m.eps)
+        return out.view_as(x)
 
     def _global(self, ctx: CallContext, mean: torch.Tensor, var: torch.Tensor, n_own: int):
         mode = ctx.mode
-        if not mode.communicates or (mode is Mode.SEPARATE_GN and not ctx.sync):
-            return mean, var
         fresh = torch.stack([mean, var], dim=-1)
         counts = [ctx.bands.scaled(j, n_own, ctx.rank) for j in range(ctx.bands.parts)]
         if ctx.sync or mode is Mode.SYNC_GN:

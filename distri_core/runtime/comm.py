@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -42,13 +43,15 @@ class CommStats:
     bytes_sent: int = 0
     collectives: int = 0
     calls: int = 0
+    wait_s: float = 0.0  # time blocked on communication (sync gathers and pending async ones)
 
     def add(self, slot_bytes: int, peers: int) -> None:
         self.bytes_sent += slot_bytes * peers
         self.collectives += 1
 
     def snapshot(self) -> dict:
-        return {"bytes_sent": self.bytes_sent, "collectives": self.collectives, "calls": self.calls}
+        return {"bytes_sent": self.bytes_sent, "collectives": self.collectives, "calls": self.calls,
+                "wait_s": round(self.wait_s, 4)}
 
 
 class Phase(enum.Enum):
@@ -146,7 +149,9 @@ class StaleBuffers:
                 self.entries[name] = entry
         rows = fresh.new_empty(self.world, entry.slot)
         rows[self.rank, :fresh.numel()].copy_(fresh.reshape(-1))
+        t0 = time.perf_counter()
         all_gather_rows(rows, self.rank, self.group)
+        self.stats.wait_s += time.perf_counter() - t0
         self.stats.add(entry.slot * rows.element_size(), self.world - 1)
         views = [rows[j, :math.prod(entry.shapes[j])].view(entry.shapes[j]) for j in range(self.world)]
         if keep:
@@ -214,10 +219,11 @@ class StaleBuffers:
         bucket.launched = True
         self.stats.add(bucket.rows.shape[1] * bucket.rows.element_size(), self.world - 1)
 
-    @staticmethod
-    def _wait(bucket: _Bucket) -> None:
+    def _wait(self, bucket: _Bucket) -> None:
         if bucket.pending is not None:
+            t0 = time.perf_counter()
             bucket.pending.wait()
+            self.stats.wait_s += time.perf_counter() - t0
             bucket.pending = None
 
     def drain(self) -> None:

@@ -4,6 +4,7 @@ process group, with stale state kept per (conditioning key, input shape, layout)
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Hashable
 
@@ -134,7 +135,9 @@ class DistriUNet:
         out = part.output
         rows = out.new_empty(self.groups.size, slot)
         rows[self.groups.rank, :out.numel()].copy_(out.reshape(-1))
+        t0 = time.perf_counter()
         all_gather_rows(rows, self.groups.rank, self.groups.group)
+        self.stats.wait_s += time.perf_counter() - t0
         self.stats.add(slot * rows.element_size(), self.groups.size - 1)
         full = out.new_empty(shape)
         for r, (c0, c1, r0, r1, s) in enumerate(placement):

@@ -1,9 +1,11 @@
 """Random-weight diffusers UNets of named sizes, for tests and benchmarks (no model hub here).
 
-`micro` is for unit tests (attention at every level, seconds on CPU); `tiny` keeps SDXL's
-layout (no attention at the two highest resolutions) so a 2048^2 image runs in about a second
-per step on one CPU core; `sd15` and `sdxl` have the real architectures' shapes (860M / 2.6B
-parameters), initialised randomly.
+`micro` is for unit tests (attention at every level, seconds on CPU). `tiny` has attention
+only at 1/8 of the latent resolution and channels wide enough (64-256) that its convolutions are
+compute-bound like a real SD UNet's: a 2048^2 image (256^2 latent) takes about 3 s per step on
+one CPU core. `small` is narrower (32-128) but adds attention at 1/4 resolution (SDXL-like: none
+at the top levels), so attention dominates as it does in SDXL at 2048^2. `sd15` and `sdxl` have the real architectures' shapes (860M / 2.6B parameters),
+initialised randomly.
 """
 
 from __future__ import annotations
@@ -18,10 +20,14 @@ CONFIGS: dict[str, dict] = {
     "micro": dict(block_out_channels=(32, 64), down_block_types=(_DOWN_ATTN, _DOWN_ATTN),
                   up_block_types=(_UP_ATTN, _UP_ATTN), layers_per_block=1, cross_attention_dim=32,
                   attention_head_dim=8),
-    "tiny": dict(block_out_channels=(32, 64, 64, 128),
-                 down_block_types=(_DOWN_PLAIN, _DOWN_PLAIN, _DOWN_ATTN, _DOWN_ATTN),
-                 up_block_types=(_UP_ATTN, _UP_ATTN, _UP_PLAIN, _UP_PLAIN), layers_per_block=1,
+    "tiny": dict(block_out_channels=(64, 128, 128, 256),
+                 down_block_types=(_DOWN_PLAIN, _DOWN_PLAIN, _DOWN_PLAIN, _DOWN_ATTN),
+                 up_block_types=(_UP_ATTN, _UP_PLAIN, _UP_PLAIN, _UP_PLAIN), layers_per_block=1,
                  cross_attention_dim=64, attention_head_dim=8),
+    "small": dict(block_out_channels=(32, 64, 64, 128),
+                  down_block_types=(_DOWN_PLAIN, _DOWN_PLAIN, _DOWN_ATTN, _DOWN_ATTN),
+                  up_block_types=(_UP_ATTN, _UP_ATTN, _UP_PLAIN, _UP_PLAIN), layers_per_block=1,
+                  cross_attention_dim=64, attention_head_dim=8),
     "sd15": dict(block_out_channels=(320, 640, 1280, 1280),
                  down_block_types=(_DOWN_ATTN, _DOWN_ATTN, _DOWN_ATTN, _DOWN_PLAIN),
                  up_block_types=(_UP_PLAIN, _UP_ATTN, _UP_ATTN, _UP_ATTN), layers_per_block=2,
@@ -36,6 +42,13 @@ CONFIGS: dict[str, dict] = {
 
 def context_shape(name: str, batch: int = 1, tokens: int = 77) -> tuple[int, int, int]:
     return (batch, tokens, CONFIGS[name]["cross_attention_dim"])
+
+
+def diffusers_config(name: str) -> dict:
+    """The UNet2DConditionModel keyword arguments of a named size."""
+    if name not in CONFIGS:
+        raise ValueError(f"model size {name!r} is not known; use one of: {', '.join(CONFIGS)}")
+    return dict(sample_size=64, in_channels=4, out_channels=4, norm_num_groups=32, **CONFIGS[name])
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -59,9 +72,7 @@ def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Mo
     """A diffusers UNet2DConditionModel with the named configuration and random weights."""
     from diffusers import UNet2DConditionModel
 
-    if name not in CONFIGS:
-        raise ValueError(f"model size {name!r} is not known; use one of: {', '.join(CONFIGS)}")
-    model = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, norm_num_groups=32, **CONFIGS[name])
+    model = UNet2DConditionModel(**diffusers_config(name))
     model = randomize(model, seed).eval().requires_grad_(False)
     return model.to(dtype) if dtype != torch.float32 else model
 

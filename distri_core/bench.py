@@ -1,0 +1,238 @@
+"""Benchmark: a DDIM denoising loop on 1..N ranks and each mode, measured in one run.
+
+    python -m distri_core.bench --model tiny --size 2048 --ranks 1,2 \\
+        --modes full_sync,corrected_async_gn,naive_patch --steps 20 --json out.json
+
+Every (ranks, mode) runs in freshly started rank processes (one torch thread each by default),
+so peak memory is per configuration. The 1-rank run is the plain model, no engine: the
+single-device result every other run is compared with, and the time speedups divide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import sys
+import time
+
+import torch
+
+from .config import Mode, PatchParallelConfig
+from .runtime.launch import LocalCluster
+from .sampling import ddim_sample
+
+log = logging.getLogger("distri_core.bench")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _run(info, model_name: str, size: int, steps: int, mode: str | None, warmup: int, guidance: float,
+         comm_dtype: str, dtype: str, seed: int):
+    """One denoising loop on this rank; rank 0 returns the measurements and the final latent."""
+    from . import zoo
+    from .runtime.engine import DistriUNet
+
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    device = torch.device(info.device)
+    unet = zoo.build(model_name, seed=seed, dtype=torch_dtype).to(device)
+    h = w = size // 8
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(1, 4, h, w, generator=gen).to(device, torch_dtype)
+    batch = 2 if guidance != 1.0 else 1
+    ctx = torch.randn(*zoo.context_shape(model_name, 1), generator=gen)
+    ctx = torch.cat([ctx, torch.zeros_like(ctx)]) if batch == 2 else ctx
+    ctx = ctx.to(device, torch_dtype)
+    extra = zoo.extra_inputs(model_name, batch, h, w)
+
+    engine = None
+    if mode is not None:
+        config = PatchParallelConfig(world_size=info.world, mode=mode, warmup_steps=warmup, comm_dtype=comm_dtype)
+        engine = DistriUNet(unet, config, info.groups)
+
+    def unet_call(xx, tt):
+        if engine is None:
+            return unet(xx, tt, encoder_hidden_states=ctx, return_dict=False, **extra)[0]
+        return engine(xx, tt, ctx, **extra)
+
+    def eps_fn(xt, t, i):
+        xx = torch.cat([xt, xt]) if batch == 2 else xt
+        out = unet_call(xx, torch.full((batch,), float(t), device=device))
+        if batch == 1:
+            return out
+        c, u = out.chunk(2)
+        return u + guidance * (c - u)
+
+    times: list[float] = []
+    last = [time.perf_counter()]
+
+    def tick(i, _x):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        out = ddim_sample(eps_fn, x, steps, callback=tick)
+    stats = engine.stats.snapshot() if engine else {"bytes_sent": 0, "collectives": 0, "calls": steps * 1}
+    stale = engine.stale_bytes if engine else 0
+    if engine:
+        engine.close()
+    mem = {"peak_rss_mb": round(_peak_rss_mb(), 1), "stale_mb": round(stale / 2 ** 20, 2)}
+    if device.type == "cuda":
+        mem["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    result = {"rank": info.rank, "times": times, "stats": stats, "memory": mem}
+    if info.rank == 0:
+        result["latent"] = out.float().cpu()
+    return result
+
+
+def _run_pool(n: int, args: argparse.Namespace, mode: str) -> dict:
+    """The same loop, driven from this process through a WorkerPool of n CPU/GPU ranks."""
+    from . import zoo
+    from .runtime.pool import ModelSpec, WorkerPool
+
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    devices = args.devices.split(",")[:n] if args.devices else ["cpu"] * n
+    h = w = args.size // 8
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    x = torch.randn(1, 4, h, w, generator=gen).to(torch_dtype)
+    batch = 2 if args.cfg != 1.0 else 1
+    ctx = torch.randn(*zoo.context_shape(args.model, 1), generator=gen)
+    ctx = (torch.cat([ctx, torch.zeros_like(ctx)]) if batch == 2 else ctx).to(torch_dtype)
+    extra = zoo.extra_inputs(args.model, batch, h, w)
+    with WorkerPool(devices, threads=args.threads, call_timeout=args.timeout) as pool:
+        pool.configure(PatchParallelConfig(world_size=n, mode=mode, warmup_steps=args.warmup,
+                                           comm_dtype=args.comm_dtype))
+        spec = ModelSpec("diffusers:UNet2DConditionModel", zoo.diffusers_config(args.model), torch_dtype)
+        pool.load_model((args.model, args.seed), spec, lambda: zoo.build(args.model, seed=args.seed).state_dict())
+        times, overhead, stats = [], [], {"bytes_sent": 0, "collectives": 0, "calls": 0}
+        last = [time.perf_counter()]
+
+        def eps_fn(xt, t, i):
+            xx = torch.cat([xt, xt]) if batch == 2 else xt
+            out = pool(xx, torch.full((batch,), float(t)), ctx, **extra)
+            overhead.append(pool.last_call["overhead_s"])
+            stats["bytes_sent"] += pool.last_call["bytes_sent"]
+            stats["collectives"] += pool.last_call["collectives"]
+            stats["calls"] += 1
+            if batch == 1:
+                return out
+            c, u = out.chunk(2)
+            return u + args.cfg * (c - u)
+
+        def tick(i, _x):
+            now = time.perf_counter()
+            times.append(now - last[0])
+            last[0] = now
+
+        out = ddim_sample(eps_fn, x, args.steps, callback=tick)
+        pool.end_run()
+        memory = [dict(wk["memory"]) for wk in pool.status()["workers"]]
+    return {"times": times, "stats": stats, "latent": out.float(), "memory": memory,
+            "overhead_s_per_call": sum(overhead) / len(overhead)}
+
+
+def _errors(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    d = (out - ref).abs()
+    mse = float((d ** 2).mean())
+    span = float(ref.max() - ref.min())
+    psnr = float("inf") if mse == 0 else 20 * math.log10(span / math.sqrt(mse))
+    return {"max_abs_err": float(d.max()), "mean_abs_err": float(d.mean()),
+            "psnr_db": round(psnr, 2) if math.isfinite(psnr) else None}
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    ranks = [int(r) for r in args.ranks.split(",")]
+    modes = [Mode(m).value for m in args.modes.split(",")]
+    if 1 not in ranks:
+        ranks = [1] + ranks  # the single-device reference is always measured
+    devices = args.devices.split(",") if args.devices else None
+    common = (args.model, args.size, args.steps)
+    results, ref, base_time = [], None, None
+    for n in sorted(set(ranks)):
+        for mode in ([None] if n == 1 else modes):
+            devs = devices[:n] if devices else None
+            backend = "nccl" if devs and devs[0].startswith("cuda") else "gloo"
+            t0 = time.perf_counter()
+            if args.pool and mode is not None:
+                r0 = _run_pool(n, args, mode)
+                outs = [{"memory": m} for m in r0["memory"]]
+            else:
+                with LocalCluster(n, backend=backend, devices=devs, threads=args.threads) as cluster:
+                    outs = cluster.run(_run, *common, mode, args.warmup, args.cfg, args.comm_dtype, args.dtype,
+                                       args.seed, timeout=args.timeout)
+                r0 = outs[0]
+            total = sum(r0["times"])
+            steady = r0["times"][min(len(r0["times"]) - 1, args.warmup + 1):]
+            row = {
+                "ranks": n, "mode": mode or "single_device",
+                "sec_per_step": round(total / args.steps, 4),
+                "sec_per_step_after_warmup": round(sum(steady) / len(steady), 4),
+                "calls_per_step": r0["stats"]["calls"] / args.steps,
+                "bytes_per_step": int(r0["stats"]["bytes_sent"] / args.steps),
+                "collectives_per_step": round(r0["stats"]["collectives"] / args.steps, 2),
+                "memory_per_rank": [o["memory"] for o in outs],
+                "wall_s": round(time.perf_counter() - t0, 1),
+                "via": "pool" if args.pool and mode is not None else "ranks",
+            }
+            if "overhead_s_per_call" in r0:
+                row["pool_overhead_s_per_call"] = round(r0["overhead_s_per_call"], 5)
+                row["pool_overhead_fraction"] = round(r0["overhead_s_per_call"] * row["calls_per_step"]
+                                                      / row["sec_per_step"], 4)
+            if n == 1:
+                ref, base_time = r0["latent"], total
+            row["speedup"] = round(base_time / total, 3)
+            row.update(_errors(r0["latent"], ref))
+            log.info("%s", {k: v for k, v in row.items() if k != "memory_per_rank"})
+            results.append(row)
+    return {
+        "benchmark": "distri_core.bench",
+        "args": vars(args),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "python": sys.version.split()[0], "backend": "nccl" if devices and devices[0].startswith("cuda") else "gloo",
+                    "threads_per_rank": args.threads},
+        "results": results,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m distri_core.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny", help="random-weight UNet: micro, tiny, sd15, sdxl")
+    p.add_argument("--size", type=int, default=1024, help="image size in pixels (latent = size/8), square")
+    p.add_argument("--ranks", default="1,2", help="comma list of rank counts; 1 is always measured")
+    p.add_argument("--modes", default="full_sync,corrected_async_gn,naive_patch", help="comma list of modes")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=4, help="warm-up steps after the first")
+    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale; != 1 runs a [cond, uncond] batch")
+    p.add_argument("--comm-dtype", default="auto", help="auto, fp32, fp16, bf16")
+    p.add_argument("--dtype", default="fp32", help="model dtype: fp32, fp16, bf16")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--devices", default="", help="comma list of devices (e.g. cuda:0,cuda:1); default CPU ranks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds one configuration may take")
+    p.add_argument("--pool", action="store_true",
+                   help="run the multi-rank configurations through the persistent WorkerPool (shows its overhead)")
+    p.add_argument("--json", default="", help="write the results here (they are also printed)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    report = run_benchmark(args)
+    text = json.dumps(report, indent=2)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

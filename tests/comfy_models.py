@@ -30,15 +30,16 @@ def setup(path: str) -> None:
     import comfy.model_management  # noqa: F401
 
 
-def build(kind: str = "sd15", seed: int = 0):
-    """A ComfyUI BaseModel (model.diffusion_model is the UNetModel) with random weights."""
+def build(kind: str = "sd15", seed: int = 0, **overrides):
+    """A ComfyUI BaseModel (model.diffusion_model is the UNetModel) with random weights.
+    `overrides` change the UNet config (e.g. in_channels=9 makes an inpainting model)."""
     import comfy.supported_models
 
     from distri_core.zoo import randomize
 
     cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
            "legacy": False, "in_channels": 4, "use_temporal_resblock": False, "use_temporal_attention": False,
-           **TINY[kind]}
+           **TINY[kind], **overrides}
     config_cls = comfy.supported_models.SD15 if kind == "sd15" else comfy.supported_models.SDXL
     model_config = config_cls(cfg)
     model_config.set_inference_dtype(torch.float32, None)

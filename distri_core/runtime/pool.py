@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import pickle
 import select
 import signal
 import subprocess
@@ -51,7 +52,8 @@ class ModelSpec:
               called under torch.device('meta') with `kwargs`, then given the shipped weights.
     kwargs:   plain data for the factory (classes and dtypes pickle by reference).
     dtype:    the dtype the workers compute in.
-    setup:    optional 'module:callable' run in the worker before the factory is resolved.
+    setup:    optional 'module:callable' run (with `setup_kwargs`) in the worker before the
+              factory is resolved, e.g. to make the host application importable there.
     sys_path: import paths the worker needs (e.g. the ComfyUI checkout).
     """
 
@@ -59,6 +61,7 @@ class ModelSpec:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
     setup: str | None = None
+    setup_kwargs: Mapping[str, Any] = field(default_factory=dict)
     sys_path: tuple[str, ...] = ()
 
 
@@ -353,8 +356,10 @@ class WorkerPool:
             try:
                 wire.write(arena, refs, tensors)
                 del tensors, state
-                msg = {"op": "load", "key": key, "spec": spec, "arena": arena.path, "size": size,
-                       "names": names, "refs": refs}
+                # The spec's kwargs may name classes of the host application: the worker unpickles
+                # them only after `setup` has made that application importable.
+                msg = {"op": "load", "key": key, "setup": (spec.setup, dict(spec.setup_kwargs), spec.sys_path),
+                       "spec": pickle.dumps(spec), "arena": arena.path, "size": size, "names": names, "refs": refs}
                 replies = self._request(msg, self.start_timeout + size / 2 ** 28)
             finally:
                 arena.unlink()

@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -110,13 +111,14 @@ class Worker:
         return {}
 
     def op_load(self, msg: dict) -> dict:
-        spec = msg["spec"]
         self._drop_model()
-        for p in spec.sys_path:
+        setup, setup_kwargs, paths = msg["setup"]
+        for p in paths:
             if p not in sys.path:
                 sys.path.insert(0, p)
-        if spec.setup:
-            resolve(spec.setup)()
+        if setup:
+            resolve(setup)(**setup_kwargs)
+        spec = pickle.loads(msg["spec"])
         arena = SharedArena.attach(msg["arena"], msg["size"])
         names, refs = msg["names"], msg["refs"]
         state = dict(zip(names, wire.read(arena, refs)))
@@ -209,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--comm-timeout", type=float, default=600.0)
     args = p.parse_args(argv)
     os.environ["DISTRI_RANK"] = str(args.rank)
+    os.environ["DISTRI_DEVICE"] = args.device
     logging.basicConfig(level=logging.INFO, format=f"distri_core.worker[{args.rank}]: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the host's terminal is the host's
     threading.Thread(target=_watch_parent, args=(args.parent,), daemon=True).start()

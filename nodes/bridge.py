@@ -1,0 +1,251 @@
+"""The translation between ComfyUI and distri_core: which models and patches can be split, how a
+ModelPatcher becomes a ModelSpec plus effective weights, and the keyed wrappers that send each
+UNet evaluation to the worker pool. Everything else (sampler, CFG, noise, inpaint blending,
+ControlNet, previews) stays ComfyUI's own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+
+import comfy.cli_args
+import comfy.model_management
+import comfy.ops
+import comfy.patcher_extension
+import torch
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+from distri_core import PatchParallelConfig
+from distri_core.layers.attention import UnsupportedInputError
+from distri_core.runtime.pool import ModelSpec, WorkerPool, shared_pool
+from distri_core.surgery.adapters import ComfyUNetAdapter
+
+log = logging.getLogger("distri_patch_parallel")
+
+KEY = "distri_patch_parallel"
+COMFY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(comfy.model_management.__file__)))
+WORKER_SETUP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker_setup.py") + ":setup"
+UNET_FACTORY = "comfy.ldm.modules.diffusionmodules.openaimodel:UNetModel"
+
+PATCH_NAMES = {
+    "attn1_patch": "a self-attention patch (HyperTile, ToMe, ...)",
+    "attn1_output_patch": "a self-attention output patch",
+    "attn2_patch": "a cross-attention patch (IPAdapter-style)",
+    "attn2_output_patch": "a cross-attention output patch",
+    "middle_patch": "a transformer middle patch (GLIGEN)",
+    "input_block_patch": "an input block patch (Kohya Deep Shrink)",
+    "input_block_patch_after_skip": "an input block patch (Kohya Deep Shrink)",
+    "output_block_patch": "an output block patch (FreeU, Kohya Deep Shrink)",
+    "middle_block_after_patch": "a middle block patch",
+    "forward_timestep_embed_patch": "a block replacement patch",
+}
+
+
+@dataclass(frozen=True)
+class DistriSettings:
+    """What the Patch Parallel Config node produces (immutable: ComfyUI caches node outputs)."""
+
+    config: PatchParallelConfig
+    devices: tuple[str, ...]
+    on_unsupported: str = "error"  # or "single_device"
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"{c.world_size} rank(s) on {', '.join(self.devices)}, {c.mode.value}, warm-up {c.warmup_steps}, "
+                f"cfg split {'auto' if c.cfg_split is None else c.cfg_split}, comm {c.comm_dtype.value}")
+
+
+def gpu_devices() -> list[str]:
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def resolve_devices(devices: str, ranks: int) -> tuple[str, ...]:
+    """'auto' = every GPU (2 CPU ranks where there is none); 'cpu' = CPU ranks; else a list."""
+    text = devices.strip().lower()
+    if text in ("", "auto"):
+        found = gpu_devices()
+        if not found:
+            return ("cpu",) * (ranks or 2)
+        if ranks and ranks > len(found):
+            raise ValueError(f"ranks={ranks} but this machine has {len(found)} GPU(s) ({', '.join(found)}); "
+                             f"use ranks {len(found)} or fewer, or 0 for all of them")
+        return tuple(found[:ranks] if ranks else found)
+    if text == "cpu":
+        return ("cpu",) * (ranks or 2)
+    parts = tuple(str(torch.device(p.strip())) for p in text.split(",") if p.strip())
+    if ranks and ranks != len(parts):
+        raise ValueError(f"devices lists {len(parts)} device(s) but ranks={ranks}; set ranks to 0 or {len(parts)}")
+    available = gpu_devices()
+    missing = [d for d in parts if d.startswith("cuda") and d not in available]
+    if missing:
+        raise ValueError(f"devices {missing} are not on this machine (it has {', '.join(available) or 'no GPU'}); "
+                         "use 'auto' or list existing devices")
+    return parts
+
+
+def unsupported_reasons(model) -> list[str]:
+    """Why this ModelPatcher cannot be split into row bands (empty: it can)."""
+    reasons = []
+    base = model.model
+    unet = getattr(base, "diffusion_model", None)
+    if not isinstance(unet, UNetModel):
+        reasons.append(f"the model is {type(base).__name__} ({type(unet).__name__}); only SD1.x, SD2.x and SDXL "
+                       "UNets are supported")
+        return reasons
+    cfg = base.model_config.unet_config
+    if cfg.get("use_temporal_resblock") or cfg.get("use_temporal_attention"):
+        reasons.append("video UNets (SVD) are not supported")
+    to = model.model_options.get("transformer_options", {})
+    for name, value in (to.get("patches") or {}).items():
+        if value and name not in ("emb_patch",):
+            reasons.append(f"{PATCH_NAMES.get(name, 'a model patch')} ({name})")
+    for name, value in (to.get("patches_replace") or {}).items():
+        if value:
+            reasons.append(f"an attention replacement on {name} (SAG, IPAdapter, ...)")
+    if "multigpu_clones" in model.model_options:
+        reasons.append("ComfyUI's MultiGPU CFG Split (use one or the other)")
+    if getattr(model, "hook_patches", None):
+        reasons.append("hooks (scheduled LoRA or conditioning hooks)")
+    if any(getattr(model, "injections", {}).values()):
+        reasons.append("bypass LoRA injections")
+    if any(k.startswith("diffusion_model") for k in getattr(model, "object_patches", {})):
+        reasons.append("object patches on the UNet")
+    return reasons
+
+
+def explain(reasons: list[str]) -> str:
+    return ("Distri Patch Parallel cannot split this model into row bands: " + "; ".join(reasons) +
+            ". Remove those patches, or set 'unsupported' to single_device in Patch Parallel Config to run such "
+            "models on one device.")
+
+
+def compute_dtype(model) -> torch.dtype:
+    base = model.model
+    getter = getattr(base, "get_dtype_inference", None) or base.get_dtype
+    return getter()
+
+
+def model_key(model, dtype: torch.dtype) -> tuple:
+    """Identity of the weights the workers need: the model object, its weight patches, dtype."""
+    base = model.model
+    stamp = getattr(base, "_distri_uid", None)
+    if stamp is None:
+        stamp = base._distri_uid = uuid.uuid4().hex
+    return (stamp, str(model.patches_uuid), str(dtype))
+
+
+def model_spec(model, dtype: torch.dtype) -> ModelSpec:
+    unet_config = dict(model.model.model_config.unet_config)
+    unet_config["dtype"] = dtype
+    args = {k: v for k, v in vars(comfy.cli_args.args).items() if isinstance(v, (bool, int, float, str, type(None)))}
+    return ModelSpec(UNET_FACTORY, {**unet_config, "operations": comfy.ops.disable_weight_init}, dtype,
+                     setup=WORKER_SETUP, setup_kwargs={"comfy_root": COMFY_ROOT, "args": args}, sys_path=(COMFY_ROOT,))
+
+
+def effective_weights(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The UNet's weights with every weight patch (LoRA, ...) applied, on CPU in `dtype`.
+
+    Starts from the unpatched weights (ComfyUI may have patched the shared model in place for an
+    earlier run) and applies the patches the way ModelPatcher does, so the workers compute with
+    the same numbers a single-device KSampler would.
+    """
+    import comfy.float
+    import comfy.lora
+    import comfy.utils
+
+    prefix = "diffusion_model."
+    cpu = torch.device("cpu")
+    out = {}
+    for key, entry in model.get_key_patches(filter_prefix=prefix).items():
+        (weight, convert), patches = entry[0], entry[1:]
+        if hasattr(weight, "dequantize"):
+            weight = weight.dequantize()
+        if patches:
+            work = convert(weight.to(cpu, torch.float32, copy=True), inplace=True)
+            work = comfy.lora.calculate_weight(patches, work, key)
+            weight = comfy.float.stochastic_rounding(work, weight.dtype, seed=comfy.utils.string_to_seed(key))
+        for fn in model.weight_wrapper_patches.get(key, []):
+            weight = fn(weight)
+        out[key[len(prefix):]] = weight.to(device=cpu, dtype=dtype if weight.is_floating_point() else weight.dtype)
+    return out
+
+
+class RunState:
+    """Shared by the wrappers of one Distri model: the settings and the pool they use."""
+
+    def __init__(self, settings: DistriSettings):
+        self.settings = settings
+        self.pool: WorkerPool | None = None
+
+    def acquire(self, model) -> WorkerPool:
+        s = self.settings
+        pool = shared_pool(list(s.devices), sys_path=(COMFY_ROOT,))
+        pool.configure(s.config)
+        dtype = compute_dtype(model)
+        pool.load_model(model_key(model, dtype), model_spec(model, dtype), lambda: effective_weights(model, dtype))
+        self.pool = pool
+        return pool
+
+    def sync_for(self, transformer_options: dict) -> bool:
+        """Exact context for the first step plus warm-up steps of this sampling run (per step,
+        so samplers that call the model twice a step count steps, not calls)."""
+        sigmas = transformer_options.get("sample_sigmas")
+        current = transformer_options.get("sigmas")
+        if sigmas is None or current is None:
+            return None
+        step = int((sigmas.float().cpu() > current.float().max().cpu() * (1 + 1e-5)).sum())
+        return step <= self.settings.config.warmup_steps
+
+
+def outer_sample_wrapper(executor, *args, **kwargs):
+    """Around one sampling run: start/configure the pool, ship the model if it changed, and
+    reset stale state afterwards, also when the run failed or was cancelled."""
+    guider = executor.class_obj
+    state: RunState = guider.model_options["transformer_options"][KEY]
+    for name, conds in (getattr(guider, "conds", None) or {}).items():
+        for c in conds:
+            if c.get("hooks") is not None:
+                raise UnsupportedInputError(explain(["conditioning hooks (per-prompt LoRA schedules)"]))
+    pool = state.acquire(guider.model_patcher)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        if pool.state == "ready":
+            pool.end_run()
+
+
+def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+    """Replaces the UNet call: the pool computes it, band by band, on its devices."""
+    state: RunState = transformer_options[KEY]
+    comfy.model_management.throw_exception_if_processing_interrupted()
+    unexpected = {k: v for k, v in kwargs.items() if v is not None}
+    if unexpected:
+        raise UnsupportedInputError(explain([f"extra UNet inputs {sorted(unexpected)}"]))
+    ComfyUNetAdapter().check({"transformer_options": transformer_options})  # patches added per cond
+    key = (tuple(str(u) for u in transformer_options.get("uuids", ())),
+           tuple(transformer_options.get("cond_or_uncond", ())))
+    extra = {"y": y} if y is not None else {}
+    if control is not None:
+        extra["control"] = {k: list(v) for k, v in control.items()}
+    return state.pool(x, timesteps, context, key=key, sync=state.sync_for(transformer_options), **extra)
+
+
+def parallel_model(model, settings: DistriSettings):
+    """A clone of `model` whose UNet runs on the pool (or `model` itself, with a warning, when it
+    cannot be split and the settings allow single-device runs)."""
+    reasons = unsupported_reasons(model)
+    if reasons:
+        if settings.on_unsupported == "single_device":
+            log.warning("%s Running on one device instead.", explain(reasons))
+            return model
+        raise UnsupportedInputError(explain(reasons))
+    m = model.clone()
+    if not (hasattr(m, "is_dynamic") and m.is_dynamic()):
+        m.load_device = torch.device("cpu")  # the host never loads this UNet onto a GPU the pool uses
+    m.model_options["transformer_options"][KEY] = RunState(settings)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, outer_sample_wrapper)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, diffusion_model_wrapper)
+    return m

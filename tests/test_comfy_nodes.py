@@ -1,0 +1,216 @@
+"""The nodes inside real ComfyUI (in this process), against KSampler on the same model.
+
+Distri Sampler in full_sync must reproduce KSampler's latent (float rounding) for ComfyUI's
+samplers and schedulers, img2img, inpainting (noise mask and 9-channel models), weight patches
+and ControlNet; the stale modes must stay close; interrupts, incompatible patches and pool
+failures must behave as a user expects.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+import comfy_host
+
+H, W = 32, 24  # latent rows, columns (H != W on purpose)
+
+
+@pytest.fixture(scope="module")
+def env(comfy_root):
+    pack = comfy_host.load_pack(str(comfy_root))
+    import nodes as comfy_nodes
+
+    from distri_patch_parallel_pack.nodes import config_node, sampler_nodes
+
+    class Env:
+        ksampler = staticmethod(comfy_nodes.common_ksampler)
+        build_settings = staticmethod(config_node.build_settings)
+        Sampler = sampler_nodes.DistriSamplerNode
+        Model = sampler_nodes.DistriModelNode
+
+    yield Env
+    from distri_core.runtime.pool import current_pool
+
+    if current_pool() is not None:
+        current_pool().close()
+    del pack
+
+
+def settings(env, mode="full_sync", ranks=2, cfg_split="off", warmup=2, unsupported="error"):
+    return env.build_settings("cpu", ranks, mode, warmup, cfg_split, "auto", unsupported)
+
+
+def run_pair(env, model, config, *, sampler="euler", scheduler="karras", steps=6, cfg=5.0, kind="sd15",
+             latent=None, denoise=1.0, positive=None, negative=None):
+    pos = positive or comfy_host.conditioning(kind, 1, H, W)
+    neg = negative or comfy_host.conditioning(kind, 2, H, W)
+    lat = latent or comfy_host.latent(H, W)
+    (ref,) = env.ksampler(model, 42, steps, cfg, sampler, scheduler, pos, neg, lat, denoise=denoise)
+    out = env.Sampler.execute(model, config, 42, steps, cfg, sampler, scheduler, pos, neg, lat, denoise).args[0]
+    return out["samples"], ref["samples"]
+
+
+def rel_err(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1.0))
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return comfy_host.patcher("sd15")
+
+
+@pytest.mark.parametrize("scheduler", ["karras", "normal"])
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmpp_2m", "heun", "ddim"])
+def test_full_sync_matches_ksampler(env, sd15, sampler, scheduler):
+    out, ref = run_pair(env, sd15, settings(env), sampler=sampler, scheduler=scheduler)
+    assert rel_err(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("ranks, cfg_split", [(2, "on"), (3, "auto")])
+def test_full_sync_matches_ksampler_on_sdxl(env, ranks, cfg_split):
+    model = comfy_host.patcher("sdxl")
+    out, ref = run_pair(env, model, settings(env, ranks=ranks, cfg_split=cfg_split), kind="sdxl",
+                        sampler="dpmpp_2m", scheduler="karras")
+    assert rel_err(out, ref) < 1e-4
+
+
+def test_img2img_and_noise_mask_inpainting(env, sd15):
+    lat = comfy_host.latent(H, W, seed=9)
+    out, ref = run_pair(env, sd15, settings(env), latent=lat, denoise=0.55)
+    assert rel_err(out, ref) < 1e-4
+    mask = torch.zeros(1, 1, H * 8, W * 8)
+    mask[:, :, 40:160, 30:120] = 1.0
+    out, ref = run_pair(env, sd15, settings(env), latent={**lat, "noise_mask": mask}, denoise=0.8)
+    assert rel_err(out, ref) < 1e-4
+    assert torch.allclose(out[..., :2, :], lat["samples"][..., :2, :], atol=1e-3)  # unmasked rows kept
+
+
+def test_nine_channel_inpaint_model(env):
+    model = comfy_host.patcher("sd15", in_channels=9)
+    g = torch.Generator().manual_seed(4)
+    extra = {"concat_latent_image": torch.randn(1, 4, H, W, generator=g),
+             "concat_mask": (torch.rand(1, 1, H * 8, W * 8, generator=g) > 0.5).float()}
+    pos = comfy_host.conditioning("sd15", 1, H, W, **extra)
+    neg = comfy_host.conditioning("sd15", 2, H, W, **extra)
+    out, ref = run_pair(env, model, settings(env), positive=pos, negative=neg)
+    assert rel_err(out, ref) < 1e-4
+
+
+def test_weight_patches_reach_the_workers_and_strength_changes_the_result(env, sd15):
+    key = "diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    delta = torch.randn_like(sd15.model.state_dict()[key]) * 0.5
+    results = {}
+    for strength in (0.8, 0.2):
+        patched = sd15.clone()
+        patched.add_patches({key: (delta,)}, strength)
+        out, ref = run_pair(env, patched, settings(env))
+        assert rel_err(out, ref) < 1e-4
+        results[strength] = out
+    plain, _ = run_pair(env, sd15, settings(env))
+    assert rel_err(results[0.8], results[0.2]) > 1e-3 and rel_err(results[0.2], plain) > 1e-4
+
+
+def test_controlnet_residuals_are_split_per_band(env, sd15):
+    import nodes as comfy_nodes
+
+    cnet = comfy_host.controlnet("sd15")
+    hint = torch.rand(1, H * 8, W * 8, 3, generator=torch.Generator().manual_seed(2))
+    pos, neg = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(
+        comfy_host.conditioning("sd15", 1, H, W), comfy_host.conditioning("sd15", 2, H, W), cnet, hint, 0.9, 0.0, 1.0)
+    for ranks in (2, 3):
+        out, ref = run_pair(env, sd15, settings(env, ranks=ranks), positive=pos, negative=neg)
+        assert rel_err(out, ref) < 1e-4
+    plain, _ = run_pair(env, sd15, settings(env))
+    assert rel_err(out, plain) > 1e-3  # the ControlNet did change the result
+
+
+def test_corrected_async_gn_stays_close(env, sd15):
+    errs = {}
+    for mode in ("corrected_async_gn", "naive_patch"):
+        out, ref = run_pair(env, sd15, settings(env, mode=mode), steps=12, sampler="euler", scheduler="normal")
+        errs[mode] = float((out - ref).abs().mean() / ref.abs().mean())
+    assert errs["corrected_async_gn"] < errs["naive_patch"] / 3, errs
+
+
+def test_distri_model_drives_sampler_custom_advanced(env, sd15):
+    from comfy_extras import nodes_custom_sampler as cs
+
+    def sample(model):
+        guider = cs.CFGGuider.execute(model, comfy_host.conditioning("sd15", 1, H, W),
+                                      comfy_host.conditioning("sd15", 2, H, W), 4.0).args[0]
+        sampler = cs.KSamplerSelect.execute("dpmpp_2m").args[0]
+        sigmas = cs.BasicScheduler.execute(model, "karras", 6, 1.0).args[0]
+        noise = cs.RandomNoise.execute(7).args[0]
+        return cs.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, comfy_host.latent(H, W)).args[0]
+
+    ref = sample(sd15)["samples"]
+    patched = env.Model.execute(sd15, settings(env)).args[0]
+    assert patched is not sd15 and "distri_patch_parallel" not in sd15.model_options["transformer_options"]
+    assert rel_err(sample(patched)["samples"], ref) < 1e-4
+
+
+def test_interrupt_stops_within_a_step_and_the_next_run_works(env, sd15):
+    import comfy.model_management as mm
+    import comfy.patcher_extension
+
+    calls = []
+
+    def interrupt_after_three(executor, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            mm.interrupt_current_processing(True)
+        return executor(*args, **kwargs)
+
+    model = sd15.clone()
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_interrupt", interrupt_after_three)
+    config = settings(env, mode="corrected_async_gn")
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run_pair(env, model, config, steps=10)
+    finally:
+        mm.interrupt_current_processing(False)
+    calls.clear()
+    expected = env.Sampler.execute(sd15, config, 5, 6, 5.0, "euler", "karras", comfy_host.conditioning("sd15", 1, H, W),
+                                     comfy_host.conditioning("sd15", 2, H, W), comfy_host.latent(H, W), 1.0).args[0]
+    again = env.Sampler.execute(sd15, config, 5, 6, 5.0, "euler", "karras", comfy_host.conditioning("sd15", 1, H, W),
+                                  comfy_host.conditioning("sd15", 2, H, W), comfy_host.latent(H, W), 1.0).args[0]
+    assert torch.equal(expected["samples"], again["samples"])
+
+
+def test_incompatible_patch_is_refused_or_run_on_one_device(env, sd15):
+    from comfy_extras.nodes_freelunch import FreeU_V2
+
+    freeu = FreeU_V2.execute(sd15, 1.3, 1.4, 0.9, 0.2).args[0]
+    with pytest.raises(ValueError, match=r"output block patch \(FreeU, Kohya Deep Shrink\).*single_device"):
+        run_pair(env, freeu, settings(env))
+    out, ref = run_pair(env, freeu, settings(env, unsupported="single_device"))
+    assert torch.equal(out, ref)
+
+
+def test_unsupported_model_family_is_refused(env):
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    class NotAUnet(torch.nn.Module):
+        pass
+
+    fake = comfy_host.patcher("sd15")
+    fake.model.diffusion_model = NotAUnet()
+    with pytest.raises(ValueError, match="only SD1.x, SD2.x and SDXL UNets are supported"):
+        env.Model.execute(fake, settings(env))
+
+
+def test_dead_worker_is_a_node_error_and_the_next_prompt_works(env, sd15):
+    from distri_core.runtime.pool import WorkerError, current_pool
+
+    config = settings(env)
+    run_pair(env, sd15, config, steps=2)
+    os.kill(current_pool().status()["workers"][1]["pid"], signal.SIGKILL)
+    with pytest.raises(WorkerError, match="died: killed by SIGKILL"):
+        run_pair(env, sd15, config, steps=2)
+    out, ref = run_pair(env, sd15, config, steps=2)
+    assert rel_err(out, ref) < 1e-4

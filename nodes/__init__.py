@@ -6,6 +6,9 @@ from comfy_api.latest import ComfyExtension, io
 
 from .config_node import PatchParallelConfigNode
 from .sampler_nodes import DistriModelNode, DistriSamplerNode
+from .server_routes import register
+
+register()
 
 NODES = [PatchParallelConfigNode, DistriSamplerNode, DistriModelNode]
 

@@ -1,0 +1,120 @@
+"""Headless: a real ComfyUI server with the pack in custom_nodes, a random SD1.5-shaped
+checkpoint written by our own code, and API-format prompts posted to /prompt."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import checkpoints
+from comfy_server import ComfyServer
+
+CKPT = "random_sd15.safetensors"
+
+
+def txt2img(sampler: str, *, mode: str = "full_sync", seed: int = 1, size: int = 256, steps: int = 3,
+            freeu: bool = False) -> dict:
+    """CheckpointLoaderSimple -> CLIPTextEncode x2 -> EmptyLatentImage -> (Distri)Sampler -> VAEDecode -> SaveImage."""
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dawn, detailed", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": f"{sampler}_{mode}"}},
+    }
+    model = ["1", 0]
+    if freeu:
+        g["9"] = {"class_type": "FreeU_V2", "inputs": {"model": model, "b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}}
+        model = ["9", 0]
+    common = {"model": model, "seed": seed, "steps": steps, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+              "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}
+    if sampler == "KSampler":
+        g["5"] = {"class_type": "KSampler", "inputs": common}
+    else:
+        g["8"] = {"class_type": "DistriPatchParallelConfig",
+                  "inputs": {"devices": "cpu", "ranks": 2, "mode": mode, "warmup_steps": 1, "cfg_split": "off",
+                             "comm_dtype": "auto", "unsupported": "error"}}
+        g["5"] = {"class_type": "DistriSampler", "inputs": {**common, "config": ["8", 0]}}
+    return g
+
+
+@pytest.fixture(scope="module")
+def server(comfy_root, tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy_base")
+    checkpoints.write_sd15(base / "models" / "checkpoints" / CKPT)
+    srv = ComfyServer(comfy_root, base)
+    try:
+        info = srv.wait_ready()
+        assert {"DistriSampler", "DistriModel", "DistriPatchParallelConfig"} <= set(info), srv.log()[-3000:]
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _pixels(path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+
+
+def test_distri_sampler_through_the_api_matches_ksampler(server):
+    ref = server.run(txt2img("KSampler"))
+    assert ref["status"]["status_str"] == "success", ref["status"]
+    out = server.run(txt2img("DistriSampler"))
+    assert out["status"]["status_str"] == "success", out["status"]
+    (a,), (b,) = server.images(ref), server.images(out)
+    pa, pb = _pixels(a), _pixels(b)
+    assert pa.shape == pb.shape == (256, 256, 3)
+    assert pa.std() > 1.0  # a real image, not a flat fill
+    assert np.abs(pa - pb).max() <= 1, np.abs(pa - pb).max()
+    status = server.get("/distri/status")
+    assert status["state"] == "ready" and len(status["workers"]) == 2 and status["runs"] >= 1
+
+
+def test_node_errors_reach_the_history_and_the_server_keeps_working(server):
+    bad = server.run(txt2img("DistriSampler", freeu=True))
+    assert bad["status"]["status_str"] == "error"
+    messages = str(bad["status"]["messages"])
+    assert "FreeU" in messages and "single_device" in messages
+    ok = server.run(txt2img("DistriSampler", mode="corrected_async_gn", seed=2))
+    assert ok["status"]["status_str"] == "success" and server.images(ok)
+
+
+def test_invalid_config_is_rejected_before_anything_runs(server):
+    prompt = txt2img("DistriSampler")
+    prompt["8"]["inputs"].update(devices="cuda:7", ranks=0)
+    with pytest.raises(RuntimeError) as e:
+        server.post("/prompt", {"prompt": prompt, "client_id": server.client_id})
+    assert "custom_validation_failed" in str(e.value)
+    assert "devices ['cuda:7'] are not on this machine" in str(e.value)
+    prompt["8"]["inputs"].update(devices="cpu", ranks=3, cfg_split="on")
+    with pytest.raises(RuntimeError, match="cfg_split=True needs an even number of ranks"):
+        server.post("/prompt", {"prompt": prompt, "client_id": server.client_id})
+
+
+def test_stopping_the_server_stops_its_workers(server):
+    """Last in this module: stops the shared server (Ctrl-C, as a user would)."""
+    import os
+
+    from distri_core.runtime.shm import owned_segments
+
+    pids = [w["pid"] for w in server.get("/distri/status")["workers"]]
+    assert pids
+    server.stop()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids)
+    assert owned_segments(server.proc.pid) == []
+    assert not os.path.exists(f"/proc/{server.proc.pid}/status") or server.proc.returncode is not None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

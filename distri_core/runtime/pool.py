@@ -65,6 +65,18 @@ class ModelSpec:
     sys_path: tuple[str, ...] = ()
 
 
+@dataclass
+class LazyWeights:
+    """Weights announced by (name, shape, dtype) and produced one at a time by `get(name)`."""
+
+    entries: list[tuple[str, tuple[int, ...], torch.dtype]]
+    get: Callable[[str], torch.Tensor]
+
+    @classmethod
+    def of(cls, state: Mapping[str, torch.Tensor]) -> "LazyWeights":
+        return cls([(k, tuple(v.shape), v.dtype) for k, v in state.items()], state.__getitem__)
+
+
 class PoolError(RuntimeError):
     """The pool cannot do what was asked (bad request, not started, broken)."""
 
@@ -339,23 +351,31 @@ class WorkerPool:
             if self.state == "ready":
                 self._request({"op": "configure", "config": config}, self.start_timeout)
 
-    def load_model(self, key: Hashable, spec: ModelSpec,
-                   weights: Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]]) -> dict:
-        """Make `key` the loaded model. Ships `weights` (a mapping, or a function producing it,
-        called only when needed) through shared memory unless `key` is already loaded."""
+    def load_model(self, key: Hashable, spec: ModelSpec, weights) -> dict:
+        """Make `key` the loaded model. Ships `weights` through shared memory unless `key` is
+        already loaded. `weights` is a mapping name -> tensor, a function returning one (called
+        only when needed), or a `LazyWeights` (tensors produced one at a time, so the host never
+        holds a second full copy)."""
         with self._lock:
             self._ensure()
             if key == self.model_key:
                 return self.model_info
-            state = weights() if callable(weights) else weights
+            if callable(weights) and not isinstance(weights, LazyWeights):
+                weights = weights()
+            if not isinstance(weights, LazyWeights):
+                weights = LazyWeights.of(weights)
             self.model_key, self.model_info = None, {}  # workers drop the old model first
-            names = list(state)
-            tensors = [state[n].detach() for n in names]
-            refs, size = wire.plan(tensors)
+            names = [name for name, _, _ in weights.entries]
+            refs, size = wire.plan_shapes([(shape, dtype) for _, shape, dtype in weights.entries])
             arena = SharedArena.create(size)
             try:
-                wire.write(arena, refs, tensors)
-                del tensors, state
+                for name, ref in zip(names, refs):
+                    tensor = weights.get(name)
+                    if tuple(tensor.shape) != ref.shape or tensor.dtype != ref.dtype:
+                        raise PoolError(f"weight {name}: got {tuple(tensor.shape)} {tensor.dtype}, announced "
+                                        f"{ref.shape} {ref.dtype}")
+                    arena.view(ref.offset, ref.shape, ref.dtype).copy_(tensor.detach())
+                    del tensor
                 # The spec's kwargs may name classes of the host application: the worker unpickles
                 # them only after `setup` has made that application importable.
                 msg = {"op": "load", "key": key, "setup": (spec.setup, dict(spec.setup_kwargs), spec.sys_path),
@@ -371,7 +391,9 @@ class WorkerPool:
                  **kwargs) -> torch.Tensor:
         """The UNet output for the full input, computed by all ranks (see DistriUNet)."""
         with self._lock:
-            self._ensure()
+            if self.state != "ready":
+                why = f": {self.last_error}" if self.state == "broken" and self.last_error else ""
+                raise PoolError(f"the worker pool is {self.state}{why}; the next run (load_model) starts it again")
             if self.model_key is None:
                 raise PoolError("no model loaded: call load_model() first")
             if self.config is None:
@@ -408,6 +430,7 @@ class WorkerPool:
             self.last_call = {"seconds": t2 - t0, "worker_seconds": compute, "overhead_s": (t2 - t0) - compute,
                               "send_s": t1 - t0, "bytes_sent": max(r["bytes_sent"] for r in replies),
                               "collectives": max(r["collectives"] for r in replies),
+                              "busy_s": sum(r["seconds"] - r["wait_s"] for r in replies),
                               "wait_s": max(r["wait_s"] for r in replies)}
             return out.to(x.device) if x.device.type != "cpu" else out
 

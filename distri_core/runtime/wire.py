@@ -90,9 +90,13 @@ class _Slot:
 
 def plan(tensors: list[torch.Tensor], start: int = 0) -> tuple[list[TensorRef], int]:
     """Offsets for `tensors` packed from `start`; returns the refs and the end offset."""
+    return plan_shapes([(tuple(t.shape), t.dtype) for t in tensors], start)
+
+
+def plan_shapes(items: list[tuple[tuple[int, ...], torch.dtype]], start: int = 0) -> tuple[list[TensorRef], int]:
     refs, offset = [], aligned(start)
-    for t in tensors:
-        ref = TensorRef(offset, tuple(t.shape), t.dtype)
+    for shape, dtype in items:
+        ref = TensorRef(offset, tuple(shape), dtype)
         refs.append(ref)
         offset = aligned(offset + ref.nbytes)
     return refs, offset

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -20,8 +21,10 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from distri_core import PatchParallelConfig
 from distri_core.layers.attention import UnsupportedInputError
-from distri_core.runtime.pool import ModelSpec, WorkerPool, shared_pool
+from distri_core.runtime.pool import LazyWeights, ModelSpec, WorkerPool, shared_pool
 from distri_core.surgery.adapters import ComfyUNetAdapter
+
+from .server_routes import notify
 
 log = logging.getLogger("distri_patch_parallel")
 
@@ -145,8 +148,9 @@ def model_spec(model, dtype: torch.dtype) -> ModelSpec:
                      setup=WORKER_SETUP, setup_kwargs={"comfy_root": COMFY_ROOT, "args": args}, sys_path=(COMFY_ROOT,))
 
 
-def effective_weights(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The UNet's weights with every weight patch (LoRA, ...) applied, on CPU in `dtype`.
+def effective_weights(model, dtype: torch.dtype) -> LazyWeights:
+    """The UNet's weights with every weight patch (LoRA, ...) applied, on CPU in `dtype`, one
+    tensor at a time.
 
     Starts from the unpatched weights (ComfyUI may have patched the shared model in place for an
     earlier run) and applies the patches the way ModelPatcher does, so the workers compute with
@@ -158,19 +162,26 @@ def effective_weights(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
     prefix = "diffusion_model."
     cpu = torch.device("cpu")
-    out = {}
-    for key, entry in model.get_key_patches(filter_prefix=prefix).items():
-        (weight, convert), patches = entry[0], entry[1:]
+    patches = model.get_key_patches(filter_prefix=prefix)
+
+    def target_dtype(w):
+        return dtype if w.is_floating_point() or hasattr(w, "dequantize") else w.dtype
+
+    def get(name: str) -> torch.Tensor:
+        key = prefix + name
+        (weight, convert), key_patches = patches[key][0], patches[key][1:]
         if hasattr(weight, "dequantize"):
             weight = weight.dequantize()
-        if patches:
+        if key_patches:
             work = convert(weight.to(cpu, torch.float32, copy=True), inplace=True)
-            work = comfy.lora.calculate_weight(patches, work, key)
+            work = comfy.lora.calculate_weight(key_patches, work, key)
             weight = comfy.float.stochastic_rounding(work, weight.dtype, seed=comfy.utils.string_to_seed(key))
         for fn in model.weight_wrapper_patches.get(key, []):
             weight = fn(weight)
-        out[key[len(prefix):]] = weight.to(device=cpu, dtype=dtype if weight.is_floating_point() else weight.dtype)
-    return out
+        return weight.to(device=cpu, dtype=target_dtype(weight))
+
+    entries = [(k[len(prefix):], tuple(v[0][0].shape), target_dtype(v[0][0])) for k, v in patches.items()]
+    return LazyWeights(entries, get)
 
 
 class RunState:
@@ -179,40 +190,81 @@ class RunState:
     def __init__(self, settings: DistriSettings):
         self.settings = settings
         self.pool: WorkerPool | None = None
+        self.run: dict = {}
+
+    def begin(self, steps: int, shape: tuple) -> None:
+        self.run = {"state": "running", "steps": steps, "step": 0, "shape": list(shape), "calls": 0,
+                    "busy_s": 0.0, "started": time.time()}
+        notify(self.run)
+
+    def progress(self, step: int | None) -> None:
+        run = self.run
+        run["calls"] += 1
+        if self.pool is not None and self.pool.last_call:
+            run["busy_s"] += self.pool.last_call.get("busy_s", 0.0)
+        if step is not None:
+            run["step"] = step
+        elapsed = time.time() - run["started"]
+        if run["step"]:
+            run["sec_per_step"] = elapsed / run["step"]
+        notify(run)
+
+    def finish(self, outcome: str) -> None:
+        run = self.run
+        seconds = time.time() - run.get("started", time.time())
+        run.update(state=outcome, seconds=seconds, step=run.get("steps", 0) if outcome == "done" else run.get("step"))
+        if outcome == "done" and run.get("steps"):
+            run["sec_per_step"] = seconds / run["steps"]
+        if seconds > 0 and run.get("busy_s"):
+            run["speedup_estimate"] = run["busy_s"] / seconds
+        notify(run)
 
     def acquire(self, model) -> WorkerPool:
         s = self.settings
         pool = shared_pool(list(s.devices), sys_path=(COMFY_ROOT,))
         pool.configure(s.config)
         dtype = compute_dtype(model)
-        pool.load_model(model_key(model, dtype), model_spec(model, dtype), lambda: effective_weights(model, dtype))
+        pool.load_model(model_key(model, dtype), model_spec(model, dtype), effective_weights(model, dtype))
         self.pool = pool
         return pool
 
     def sync_for(self, transformer_options: dict) -> bool:
         """Exact context for the first step plus warm-up steps of this sampling run (per step,
         so samplers that call the model twice a step count steps, not calls)."""
+        step = self.step_of(transformer_options)
+        return None if step is None else step <= self.settings.config.warmup_steps
+
+    @staticmethod
+    def step_of(transformer_options: dict) -> int | None:
         sigmas = transformer_options.get("sample_sigmas")
         current = transformer_options.get("sigmas")
         if sigmas is None or current is None:
             return None
-        step = int((sigmas.float().cpu() > current.float().max().cpu() * (1 + 1e-5)).sum())
-        return step <= self.settings.config.warmup_steps
+        return int((sigmas.float().cpu() > current.float().max().cpu() * (1 + 1e-5)).sum())
 
 
-def outer_sample_wrapper(executor, *args, **kwargs):
-    """Around one sampling run: start/configure the pool, ship the model if it changed, and
-    reset stale state afterwards, also when the run failed or was cancelled."""
+def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+    """Around one sampling run: start/configure the pool, ship the model if it changed, report
+    progress to the GUI, and reset stale state afterwards, also when the run failed or was
+    cancelled."""
     guider = executor.class_obj
     state: RunState = guider.model_options["transformer_options"][KEY]
     for name, conds in (getattr(guider, "conds", None) or {}).items():
         for c in conds:
             if c.get("hooks") is not None:
                 raise UnsupportedInputError(explain(["conditioning hooks (per-prompt LoRA schedules)"]))
+    state.begin(len(sigmas) - 1, tuple(latent_image.shape))
     pool = state.acquire(guider.model_patcher)
+    outcome = "failed"
     try:
-        return executor(*args, **kwargs)
+        result = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        outcome = "done"
+        return result
+    except comfy.model_management.InterruptProcessingException:
+        outcome = "cancelled"
+        raise
     finally:
+        state.finish(outcome)
         if pool.state == "ready":
             pool.end_run()
 
@@ -230,7 +282,9 @@ def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transfo
     extra = {"y": y} if y is not None else {}
     if control is not None:
         extra["control"] = {k: list(v) for k, v in control.items()}
-    return state.pool(x, timesteps, context, key=key, sync=state.sync_for(transformer_options), **extra)
+    out = state.pool(x, timesteps, context, key=key, sync=state.sync_for(transformer_options), **extra)
+    state.progress(RunState.step_of(transformer_options))
+    return out
 
 
 def parallel_model(model, settings: DistriSettings):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 log = logging.getLogger("distri_patch_parallel")
 
 EVENT = "distri.status"
+_last_run: dict = {}
 
 
 def pool_status() -> dict:
@@ -14,20 +16,26 @@ def pool_status() -> dict:
 
     pool = current_pool()
     if pool is None:
-        return {"state": "not started", "workers": [], "devices": [], "runs": 0, "calls": 0, "last_error": "",
-                "last_call": {}, "config": None, "model_key": None}
-    return pool.status()
+        status = {"state": "not started", "workers": [], "devices": [], "runs": 0, "calls": 0, "last_error": "",
+                  "last_call": {}, "config": None, "model_key": None}
+    else:
+        status = pool.status()
+    status["run"] = dict(_last_run)
+    return status
 
 
-def notify(extra: dict | None = None) -> None:
-    """Push the pool status (plus `extra`, e.g. run progress) to every open browser tab."""
+def notify(run: dict | None = None) -> None:
+    """Push the pool status (and the current run's progress) to every open browser tab."""
+    if run is not None:
+        _last_run.clear()
+        _last_run.update(run)
     try:
         from server import PromptServer
     except ImportError:
         return
     server = getattr(PromptServer, "instance", None)
     if server is not None:
-        server.send_sync(EVENT, {**pool_status(), **(extra or {})})
+        server.send_sync(EVENT, pool_status())
 
 
 def register() -> None:
@@ -44,3 +52,45 @@ def register() -> None:
     @server.routes.get("/distri/status")
     async def status(request):
         return web.json_response(pool_status())
+
+    @server.routes.post("/distri/stop")
+    async def stop(request):
+        """Stop the workers (frees their GPU memory); the next Distri run starts them again."""
+        from distri_core.runtime.pool import current_pool
+
+        pool = current_pool()
+        if pool is not None:
+            await asyncio.get_running_loop().run_in_executor(None, pool.close)
+        notify()
+        return web.json_response(pool_status())
+
+    @server.routes.get("/distri/plan")
+    async def plan(request):
+        q = request.rel_url.query
+        try:
+            return web.json_response(split_plan(q.get("devices", "auto"), int(q.get("ranks", 0)),
+                                                int(q.get("width", 1024)), int(q.get("height", 1024)),
+                                                q.get("cfg_split", "auto"), q.get("cfg", "on") != "off"))
+        except (ValueError, RuntimeError) as e:
+            return web.json_response({"error": str(e)})
+
+
+def split_plan(devices: str, ranks: int, width: int, height: int, cfg_split: str, cfg_on: bool) -> dict:
+    """How an image of width x height pixels is cut: groups of ranks, batch halves, row bands.
+    Bands are sized for SD1.x/SD2.x UNets (64-pixel rows; SDXL's 32-pixel alignment is finer)."""
+    from distri_core import PatchParallelConfig, make_layout
+
+    from .bridge import resolve_devices
+    from .config_node import CFG_SPLIT
+
+    resolved = resolve_devices(devices, ranks)
+    config = PatchParallelConfig(world_size=len(resolved), cfg_split=CFG_SPLIT[cfg_split])
+    layout = make_layout(len(resolved), 2 if cfg_on else 1, height // 8, 8, config.split_cfg_possible)
+    groups = []
+    for members, chunk in zip(layout.groups, layout.chunks):
+        bands = [{"rank": r, "device": resolved[r], "rows_px": [layout.bands.rows(i)[0] * 8, layout.bands.rows(i)[1] * 8]}
+                 for i, r in enumerate(members)]
+        groups.append({"branch": ("cond" if chunk[0] == 0 else "uncond") if len(layout.groups) > 1 else "both",
+                       "bands": bands})
+    return {"width": width, "height": height, "ranks": len(resolved), "cfg_split": len(layout.groups) > 1,
+            "groups": groups}

@@ -43,3 +43,48 @@ def write_sd15(path: Path, seed: int = 0, dtype: torch.dtype = torch.float16) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     comfy.utils.save_torch_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     return path
+
+
+
+
+def write_lora(path: Path, shapes: dict[str, tuple[int, ...]], seed: int = 0, rank: int = 4) -> Path:
+    """A kohya-format LoRA (lora_unet_*.lora_up/lora_down/alpha) for the given UNet weights."""
+    import comfy.utils
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, shape in shapes.items():
+        key = "lora_unet_" + name.replace(".", "_")
+        out_ch, in_ch = shape[0], shape[1]
+        kernel = tuple(shape[2:])
+        sd[key + ".lora_down.weight"] = (torch.randn(rank, in_ch, *kernel, generator=g) * 0.05).half()
+        sd[key + ".lora_up.weight"] = (torch.randn(out_ch, rank, *([1] * len(kernel)), generator=g) * 0.05).half()
+        sd[key + ".alpha"] = torch.tensor(float(rank)).half()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    comfy.utils.save_torch_file(sd, str(path))
+    return path
+
+
+def write_sd15_lora(path: Path, seed: int = 0) -> Path:
+    """A random LoRA on a few SD1.5 UNet layers (conv and linear)."""
+    shapes = {"input_blocks.1.1.proj_in": (320, 320, 1, 1), "input_blocks.4.0.in_layers.2": (640, 320, 3, 3),
+              "middle_block.1.transformer_blocks.0.attn1.to_q": (1280, 1280),
+              "output_blocks.5.1.proj_out": (640, 640, 1, 1)}
+    return write_lora(path, shapes, seed)
+
+
+def write_sd15_controlnet(path: Path, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
+    """An SD1.5 ControlNet (control_model.* layout, hint 3 channels) with random weights."""
+    import comfy.cldm.cldm
+    import comfy.ops
+    import comfy.utils
+
+    from distri_core.zoo import randomize
+
+    cfg = {k: v for k, v in SD15_UNET.items() if k not in ("transformer_depth_output", "out_channels")}
+    net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, device="cpu", **cfg)
+    randomize(net, seed)
+    sd = {"control_model." + k: v.to(dtype).contiguous() for k, v in net.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    comfy.utils.save_torch_file(sd, str(path))
+    return path

@@ -60,8 +60,9 @@ class ComfyServer:
         req = urllib.request.Request(self.url + path, data=json.dumps(data).encode(),
                                      headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return json.loads(r.read())
+            with urllib.request.urlopen(req, timeout=120) as r:
+                body = r.read()
+                return json.loads(body) if body.strip() else None
         except urllib.error.HTTPError as e:
             raise RuntimeError(f"POST {path} -> {e.code}: {e.read().decode(errors='replace')}") from None
 

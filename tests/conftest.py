@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,8 +66,53 @@ class ClusterHandle:
             self._cluster.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster():
     handle = ClusterHandle(4)
     yield handle
     handle.close()
+
+
+@pytest.fixture(scope="session")
+def comfy_base(comfy_root, tmp_path_factory):
+    """A ComfyUI base directory with random model files and input images."""
+    import comfy_models
+    import workflow_runs
+
+    comfy_models.setup(str(comfy_root))
+    base = tmp_path_factory.mktemp("comfy_base")
+    workflow_runs.write_assets(base)
+    return base
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy_root, comfy_base):
+    """A real ComfyUI server on loopback with this pack in its custom_nodes (shared by the
+    headless and browser tests)."""
+    from comfy_server import ComfyServer
+
+    server = ComfyServer(comfy_root, comfy_base)
+    try:
+        info = server.wait_ready()
+        missing = {"DistriSampler", "DistriModel", "DistriPatchParallelConfig"} - set(info)
+        assert not missing, f"the pack did not load: {missing}\n{server.log()[-3000:]}"
+        yield server
+        pids = [w["pid"] for w in server.get("/distri/status")["workers"]]
+    finally:
+        server.stop()
+    # Stopping ComfyUI (Ctrl-C) stops its workers and leaves no shared memory behind.
+    from distri_core.runtime.shm import owned_segments
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    assert not [p for p in pids if _alive(p)], "workers outlived the ComfyUI server"
+    assert owned_segments(server.proc.pid) == []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

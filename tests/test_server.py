@@ -8,13 +8,11 @@ import time
 import numpy as np
 import pytest
 
-import checkpoints
 from comfy_server import ComfyServer
+from workflow_runs import CKPT
 
-CKPT = "random_sd15.safetensors"
 
-
-def txt2img(sampler: str, *, mode: str = "full_sync", seed: int = 1, size: int = 192, steps: int = 3,
+def txt2img(sampler: str, *, mode: str = "full_sync", seed: int = 1, size: int = 192, steps: int = 2,
             freeu: bool = False) -> dict:
     """CheckpointLoaderSimple -> CLIPTextEncode x2 -> EmptyLatentImage -> (Distri)Sampler -> VAEDecode -> SaveImage."""
     g = {
@@ -41,17 +39,9 @@ def txt2img(sampler: str, *, mode: str = "full_sync", seed: int = 1, size: int =
     return g
 
 
-@pytest.fixture(scope="module")
-def server(comfy_root, tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy_base")
-    checkpoints.write_sd15(base / "models" / "checkpoints" / CKPT)
-    srv = ComfyServer(comfy_root, base)
-    try:
-        info = srv.wait_ready()
-        assert {"DistriSampler", "DistriModel", "DistriPatchParallelConfig"} <= set(info), srv.log()[-3000:]
-        yield srv
-    finally:
-        srv.stop()
+@pytest.fixture
+def server(comfy_server):
+    return comfy_server
 
 
 def _pixels(path) -> np.ndarray:
@@ -95,21 +85,18 @@ def test_invalid_config_is_rejected_before_anything_runs(server):
         server.post("/prompt", {"prompt": prompt, "client_id": server.client_id})
 
 
-def test_stopping_the_server_stops_its_workers(server):
-    """Last in this module: stops the shared server (Ctrl-C, as a user would)."""
-    import os
-
-    from distri_core.runtime.shm import owned_segments
-
+def test_stop_route_frees_the_workers_and_the_next_run_restarts_them(server):
     pids = [w["pid"] for w in server.get("/distri/status")["workers"]]
     assert pids
-    server.stop()
+    assert server.post("/distri/stop", {})["state"] == "stopped"
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.2)
     assert not any(_alive(p) for p in pids)
-    assert owned_segments(server.proc.pid) == []
-    assert not os.path.exists(f"/proc/{server.proc.pid}/status") or server.proc.returncode is not None
+    done = server.run(txt2img("DistriSampler", size=128, steps=1))
+    assert done["status"]["status_str"] == "success"
+    fresh = [w["pid"] for w in server.get("/distri/status")["workers"]]
+    assert len(fresh) == 2 and not set(fresh) & set(pids)
 
 
 def _alive(pid: int) -> bool:

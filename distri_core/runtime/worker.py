@@ -125,8 +125,17 @@ class Worker:
         factory = resolve(spec.factory)
         with torch.device("meta"):
             model = factory(**spec.kwargs)
-        model = model.to_empty(device=self.device)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        params = dict(model.named_parameters())
+        if self.device.type == "cpu" and all(t.dtype == params[n].dtype for n, t in state.items() if n in params):
+            # CPU ranks compute straight from the shared segment: one copy of the weights for all
+            # of them, and no copy at all to load.
+            missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+            left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+            if left:
+                raise ValueError(f"{spec.factory} has tensors the weights do not cover: {left[:5]}")
+        else:
+            model = model.to_empty(device=self.device)
+            missing, unexpected = model.load_state_dict(state, strict=False)
         del state, arena
         if missing or unexpected:
             raise ValueError(f"weights do not fit {spec.factory}: missing {missing[:5]}, unexpected {unexpected[:5]}")

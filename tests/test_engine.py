@@ -61,18 +61,20 @@ def test_cfg_split_equals_unsplit(cluster, comfy_arg, family, kind, height, widt
 
 @pytest.mark.parametrize("family, kind, height, width", MODELS)
 def test_stale_modes_after_warmup_beat_naive_patch(cluster, comfy_arg, family, kind, height, width):
-    modes = ["full_sync", "corrected_async_gn", "sync_gn", "stale_gn", "separate_gn", "naive_patch"]
-    r = cluster.run(tasks.denoise, family, kind, 1, height, width, 10, modes, 2, size=2, **comfy_arg)[0]
+    variants = family == "diffusers"  # the GroupNorm variants once; the three main modes on every UNet
+    modes = ["full_sync", "corrected_async_gn", "naive_patch"] + (["sync_gn", "stale_gn", "separate_gn"] if variants else [])
+    r = cluster.run(tasks.denoise, family, kind, 1, height, width, 8, modes, 2, size=2, **comfy_arg)[0]
     err = {m: e[1] for m, e in r["errors"].items()}  # mean abs error of the final latent
     assert r["errors"]["full_sync"][0] < 1e-3 * max(1.0, r["scale"]), r
     naive = err["naive_patch"]
     assert naive > 0.05 * r["scale"], r  # the split matters for this model and size
-    for mode in ("corrected_async_gn", "sync_gn"):
-        assert err[mode] < naive / 5, (mode, r)
-    for mode in ("stale_gn", "separate_gn"):
-        assert err[mode] < naive / 2, (mode, r)
-    # DistriFusion's correction beats both uncorrected estimates
-    assert err["corrected_async_gn"] < min(err["stale_gn"], err["separate_gn"]), r
+    assert err["corrected_async_gn"] < naive / 5, r
+    if variants:
+        assert err["sync_gn"] < naive / 5, r
+        for mode in ("stale_gn", "separate_gn"):
+            assert err[mode] < naive / 2, (mode, r)
+        # DistriFusion's correction beats both uncorrected estimates
+        assert err["corrected_async_gn"] < min(err["stale_gn"], err["separate_gn"]), r
 
 
 def test_warmup_and_stale_state_are_per_key(cluster):

@@ -224,7 +224,10 @@ class RunState:
         pool = shared_pool(list(s.devices), sys_path=(COMFY_ROOT,))
         pool.configure(s.config)
         dtype = compute_dtype(model)
-        pool.load_model(model_key(model, dtype), model_spec(model, dtype), effective_weights(model, dtype))
+        patched = sum(1 for k, v in model.patches.items() if v and k.startswith("diffusion_model."))
+        label = f"{type(model.model.model_config).__name__} UNet, {str(dtype).replace('torch.', '')}" + \
+            (f", {patched} patched weights" if patched else "")
+        pool.load_model(model_key(model, dtype), model_spec(model, dtype), effective_weights(model, dtype), label)
         self.pool = pool
         return pool
 

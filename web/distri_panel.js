@@ -40,7 +40,7 @@ function draw() {
       <div class="distri-state distri-state-${esc(s.state).replace(/\s/g, "-")}">pool: <b>${esc(s.state)}</b>
         ${s.backend ? ` (${esc(s.backend)})` : ""}</div>
       ${cfg ? `<div>${cfg.world_size} rank(s), ${esc(cfg.mode)}, warm-up ${cfg.warmup_steps}, comm ${esc(cfg.comm_dtype)}</div>` : ""}
-      <div>model: ${esc(s.model_key ?? "none loaded")}</div>
+      <div>model: ${esc(s.model ?? "none loaded")}${s.model_mb ? ` (${fmtMB(s.model_mb)} per worker)` : ""}</div>
       <div class="distri-run">${esc(runText)}</div>
       ${s.last_error ? `<div class="distri-err">last error: ${esc(s.last_error)}</div>` : ""}
       <table class="distri-workers">

@@ -351,11 +351,11 @@ class WorkerPool:
             if self.state == "ready":
                 self._request({"op": "configure", "config": config}, self.start_timeout)
 
-    def load_model(self, key: Hashable, spec: ModelSpec, weights) -> dict:
+    def load_model(self, key: Hashable, spec: ModelSpec, weights, label: str | None = None) -> dict:
         """Make `key` the loaded model. Ships `weights` through shared memory unless `key` is
         already loaded. `weights` is a mapping name -> tensor, a function returning one (called
         only when needed), or a `LazyWeights` (tensors produced one at a time, so the host never
-        holds a second full copy)."""
+        holds a second full copy). `label` names the model in status reports."""
         with self._lock:
             self._ensure()
             if key == self.model_key:
@@ -385,6 +385,7 @@ class WorkerPool:
                 arena.unlink()
             self.model_key = key
             self.model_info = {k: replies[0].get(k) for k in ("out_channels", "param_mb")}
+            self.model_info["label"] = label or str(key)
             return self.model_info
 
     def __call__(self, x: torch.Tensor, timesteps, context=None, *, key: Hashable = None, sync: bool | None = None,
@@ -449,7 +450,8 @@ class WorkerPool:
             workers.append({"rank": p.rank, "device": p.device, "pid": p.pid, "alive": alive,
                             "memory": dict(p.memory), "calls": p.calls, "last_error": p.last_error})
         return {"state": self.state, "devices": list(self.devices), "backend": self.backend,
-                "model_key": None if self.model_key is None else str(self.model_key), "runs": self.runs,
+                "model_key": None if self.model_key is None else str(self.model_key),
+                "model": self.model_info.get("label"), "model_mb": self.model_info.get("param_mb"), "runs": self.runs,
                 "calls": self.calls, "last_error": self.last_error, "last_call": dict(self.last_call),
                 "config": None if self.config is None else {
                     "world_size": self.config.world_size, "mode": self.config.mode.value,

@@ -1,0 +1,90 @@
+"""Tables and plots from benchmark JSON: `python -m distri_core.bench_report a.json b.json --out docs/bench`.
+
+Writes speedup.png, fidelity.png and memory.png (one group of bars per benchmark file) and prints a
+markdown table per file. Needs matplotlib (`pip install -e ".[bench]"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _label(report: dict) -> str:
+    a = report["args"]
+    return f"{a['model']} {a['size']}px"
+
+
+def table(report: dict) -> str:
+    rows = ["| ranks | mode | s/step | s/step after warm-up | speedup | mean abs err | PSNR dB | MB sent/step "
+            "| peak RSS/rank MB | stale state/rank MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        rss = max(m.get("peak_rss_mb", m.get("rss_mb", 0)) for m in r["memory_per_rank"])
+        psnr = "exact" if r["psnr_db"] is None else ("exact (>140)" if r["psnr_db"] > 140 else f"{r['psnr_db']:.1f}")
+        rows.append(f"| {r['ranks']} | {r['mode']} | {r['sec_per_step']:.3f} | {r['sec_per_step_after_warmup']:.3f} | "
+                    f"{r['speedup']:.2f}x | {r['mean_abs_err']:.2g} | {psnr} | "
+                    f"{r['bytes_per_step'] / 2 ** 20:.2f} | {rss:.0f} | "
+                    f"{max(m.get('stale_mb', 0) for m in r['memory_per_rank']):.1f} |")
+    return "\n".join(rows)
+
+
+def plots(reports: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def bars(name: str, ylabel: str, value, skip_single: bool = False, log: bool = False):
+        fig, ax = plt.subplots(figsize=(8, 3.6))
+        width = 0.8 / max(1, len(reports))
+        modes = []
+        for rep in reports:
+            for r in rep["results"]:
+                key = f"{r['ranks']}x {r['mode']}"
+                if key not in modes and not (skip_single and r["ranks"] == 1):
+                    modes.append(key)
+        for i, rep in enumerate(reports):
+            by_key = {f"{r['ranks']}x {r['mode']}": r for r in rep["results"]}
+            xs = [j + i * width for j in range(len(modes))]
+            ys = [value(by_key[m]) if m in by_key else 0 for m in modes]
+            ax.bar(xs, ys, width, label=_label(rep))
+        ax.set_xticks([j + width * (len(reports) - 1) / 2 for j in range(len(modes))])
+        ax.set_xticklabels(modes, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    bars("speedup", "speedup over 1 rank (same run)", lambda r: r["speedup"])
+    bars("fidelity", "mean |error| of final latent vs 1 rank", lambda r: max(r["mean_abs_err"], 1e-7),
+         skip_single=True, log=True)
+    bars("memory", "peak RSS per rank (MB)",
+         lambda r: max(m.get("peak_rss_mb", m.get("rss_mb", 0)) for m in r["memory_per_rank"]))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m distri_core.bench_report", description=__doc__.split("\n\n")[0])
+    p.add_argument("reports", nargs="+", help="JSON files written by python -m distri_core.bench --json")
+    p.add_argument("--out", default="docs/bench", help="folder for the PNG plots")
+    args = p.parse_args(argv)
+    reports = [json.loads(Path(f).read_text()) for f in args.reports]
+    for rep in reports:
+        print(f"### {_label(rep)}\n\n{table(rep)}\n")
+    for path in plots(reports, Path(args.out)):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

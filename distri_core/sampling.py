@@ -3,7 +3,7 @@ tests: the paper measures 50-step DDIM. ComfyUI users get ComfyUI's own samplers
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -252,7 +252,7 @@ def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, *args, 
     cancelled."""
     guider = executor.class_obj
     state: RunState = guider.model_options["transformer_options"][KEY]
-    for name, conds in (getattr(guider, "conds", None) or {}).items():
+    for _name, conds in (getattr(guider, "conds", None) or {}).items():
         for c in conds:
             if c.get("hooks") is not None:
                 raise UnsupportedInputError(explain(["conditioning hooks (per-prompt LoRA schedules)"]))

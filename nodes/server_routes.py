@@ -87,7 +87,7 @@ def split_plan(devices: str, ranks: int, width: int, height: int, cfg_split: str
     config = PatchParallelConfig(world_size=len(resolved), cfg_split=CFG_SPLIT[cfg_split])
     layout = make_layout(len(resolved), 2 if cfg_on else 1, height // 8, 8, config.split_cfg_possible)
     groups = []
-    for members, chunk in zip(layout.groups, layout.chunks):
+    for members, chunk in zip(layout.groups, layout.chunks, strict=True):
         bands = [{"rank": r, "device": resolved[r], "rows_px": [layout.bands.rows(i)[0] * 8, layout.bands.rows(i)[1] * 8]}
                  for i, r in enumerate(members)]
         groups.append({"branch": ("cond" if chunk[0] == 0 else "uncond") if len(layout.groups) > 1 else "both",

@@ -7,9 +7,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import torch
-
 import comfy_models
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -67,7 +67,7 @@ def call_errors(info, family, kind, batch, height, width, calls=3, comfy_path=No
     if info.rank:
         return None
     scale = max(float(r.abs().max()) for r in refs)
-    return {"errors": [float((o - r).abs().max()) for o, r in zip(outs, refs)], "scale": scale, "stats": stats}
+    return {"errors": [float((o - r).abs().max()) for o, r in zip(outs, refs, strict=True)], "scale": scale, "stats": stats}
 
 
 def _fresh(kw: dict) -> dict:
@@ -100,7 +100,7 @@ def denoise(info, family, kind, batch, height, width, steps, modes, warmup=2, gu
         ref = ddim_sample(eps_fn(lambda a, b, c: plain(a, b, c, **kw)), x, steps) if info.rank == 0 else None
         for mode in modes:
             engine = _engine(info, unet, accessor, mode=mode, warmup_steps=warmup, **cfg)
-            out = ddim_sample(eps_fn(lambda a, b, c: engine(a, b, c, **kw)), x, steps)
+            out = ddim_sample(eps_fn(lambda a, b, c, engine=engine: engine(a, b, c, **kw)), x, steps)
             engine.close()
             if info.rank == 0:
                 d = (out - ref).abs()

@@ -5,13 +5,11 @@ to tests/artifacts/."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 
 import pytest
-
 import workflow_runs
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"

@@ -11,10 +11,9 @@ from __future__ import annotations
 import os
 import signal
 
+import comfy_host
 import pytest
 import torch
-
-import comfy_host
 
 H, W = 32, 24  # latent rows, columns (H != W on purpose)
 
@@ -22,9 +21,9 @@ H, W = 32, 24  # latent rows, columns (H != W on purpose)
 @pytest.fixture(scope="module")
 def env(comfy_root):
     pack = comfy_host.load_pack(str(comfy_root))
-    import nodes as comfy_nodes
-
     from distri_patch_parallel_pack.nodes import config_node, sampler_nodes
+
+    import nodes as comfy_nodes
 
     class Env:
         ksampler = staticmethod(comfy_nodes.common_ksampler)
@@ -192,8 +191,6 @@ def test_incompatible_patch_is_refused_or_run_on_one_device(env, sd15):
 
 
 def test_unsupported_model_family_is_refused(env):
-    import comfy.model_patcher
-    import comfy.supported_models
 
     class NotAUnet(torch.nn.Module):
         pass

@@ -8,7 +8,6 @@ uneven bands, and CFG split. The stale modes must beat `naive_patch` by a wide m
 from __future__ import annotations
 
 import pytest
-
 import tasks
 
 EXACT = 1e-4
@@ -129,10 +128,10 @@ def test_unsupported_model_is_refused_and_left_untouched():
     import torch
     from torch import nn
 
+    from distri_core import PatchParallelConfig
+    from distri_core.layers.base import LayerHost
     from distri_core.runtime.engine import DistriUNet
     from distri_core.surgery.walk import UnsupportedModelError, install_layers
-    from distri_core.layers.base import LayerHost
-    from distri_core import PatchParallelConfig
 
     with pytest.raises(UnsupportedModelError, match="not a supported UNet"):
         DistriUNet(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1)), PatchParallelConfig())

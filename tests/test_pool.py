@@ -11,10 +11,10 @@ import threading
 import time
 from pathlib import Path
 
+import pool_models
 import pytest
 import torch
 
-import pool_models
 from distri_core import PatchParallelConfig, zoo
 from distri_core.runtime.pool import PoolError, WorkerError, WorkerPool, shared_pool
 from distri_core.runtime.shm import SHM_DIR, owned_segments
@@ -99,7 +99,7 @@ def test_many_calls_do_not_grow_memory_or_files(pool2):
     pool2.end_run()
     assert _fds() <= fds + 2
     assert len(os.listdir(SHM_DIR)) <= segments
-    for before, w in zip(rss, pool2.status()["workers"]):
+    for before, w in zip(rss, pool2.status()["workers"], strict=True):
         assert w["memory"]["rss_mb"] < before + 40, (before, w["memory"])
 
 

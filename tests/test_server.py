@@ -7,8 +7,6 @@ import time
 
 import numpy as np
 import pytest
-
-from comfy_server import ComfyServer
 from workflow_runs import CKPT
 
 

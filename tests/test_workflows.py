@@ -80,11 +80,11 @@ def definitions(comfy_root):
     import comfy_host
 
     comfy_host.load_pack(str(comfy_root))
-    import nodes as comfy_nodes
     from comfy_api.latest import io
     from comfy_extras import nodes_custom_sampler
-
     from distri_patch_parallel_pack.nodes import NODES
+
+    import nodes as comfy_nodes
 
     defs = {name: cls.INPUT_TYPES() for name, cls in comfy_nodes.NODE_CLASS_MAPPINGS.items()}
     v3 = [c for c in vars(nodes_custom_sampler).values()
@@ -101,10 +101,9 @@ def test_default_titles_are_comfyuis_display_names(definitions):
     import nodes as comfy_nodes
 
     gen = _generator()
-    from distri_patch_parallel_pack.nodes import NODES
-
     from comfy_api.latest import io
     from comfy_extras import nodes_custom_sampler
+    from distri_patch_parallel_pack.nodes import NODES
 
     display = dict(comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS)
     v3 = [c for c in vars(nodes_custom_sampler).values()

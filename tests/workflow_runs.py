@@ -53,7 +53,7 @@ def small_ui(name: str) -> dict:
     types = _node_types()
     for node in ui["nodes"]:
         widgets = types[node["type"]]["widgets"]
-        values = dict(zip(widgets, node["widgets_values"]))
+        values = dict(zip(widgets, node["widgets_values"], strict=False))
         values.update(_small_inputs(name, node["type"], values))
         node["widgets_values"] = [values[w] for w in widgets]
     return copy.deepcopy(ui)
@@ -61,9 +61,8 @@ def small_ui(name: str) -> dict:
 
 def write_assets(base: Path) -> None:
     """Model files and input images the small workflows use (random weights)."""
-    from PIL import Image
-
     import checkpoints
+    from PIL import Image
 
     models = base / "models"
     if not (models / "checkpoints" / CKPT).exists():

@@ -10,7 +10,7 @@ Two front-ends share `DistriKV`: `DistriSelfAttention`, installed as the forward
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -12,9 +12,10 @@ with a `CallContext` whose `exchanger` follows the `Exchanger` protocol below.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 
 import torch
 

@@ -67,7 +67,7 @@ class _Entry:
     dtype: torch.dtype
     slot: int  # padded numel per rank
     kept: torch.Tensor | None = None  # [world, slot], from the register call
-    bucket: "_Bucket | None" = None
+    bucket: _Bucket | None = None
     offset: int = 0
 
     def row(self, rank: int) -> torch.Tensor:

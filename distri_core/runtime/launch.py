@@ -16,10 +16,11 @@ import socket
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Callable
+from typing import Any
 
 from .groups import ParallelGroups, build_groups
 
@@ -60,7 +61,7 @@ def _watch_parent(parent: int) -> None:
 
 
 def _rank_main(rank: int, world: int, port: int, backend: str, threads: int, device: str,
-               parent: int, tasks: "mp.Queue", results: "mp.Queue") -> None:
+               parent: int, tasks: mp.Queue, results: mp.Queue) -> None:
     import torch
     import torch.distributed as dist
 
@@ -165,7 +166,7 @@ class LocalCluster:
 
     def close(self) -> None:
         self.closed = True
-        for q, p in zip(self._tasks, self._procs):
+        for q, p in zip(self._tasks, self._procs, strict=True):
             if p.is_alive():
                 try:
                     q.put(None)
@@ -178,7 +179,7 @@ class LocalCluster:
                 p.kill()
                 p.join(5)
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self
 
     def __exit__(self, *exc) -> None:

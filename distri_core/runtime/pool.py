@@ -30,8 +30,9 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Mapping
+from typing import Any
 
 import torch
 
@@ -73,7 +74,7 @@ class LazyWeights:
     get: Callable[[str], torch.Tensor]
 
     @classmethod
-    def of(cls, state: Mapping[str, torch.Tensor]) -> "LazyWeights":
+    def of(cls, state: Mapping[str, torch.Tensor]) -> LazyWeights:
         return cls([(k, tuple(v.shape), v.dtype) for k, v in state.items()], state.__getitem__)
 
 
@@ -105,7 +106,7 @@ class _Proc:
     last_error: str = ""
 
 
-_LIVE: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
 
 
 def _close_all() -> None:
@@ -369,7 +370,7 @@ class WorkerPool:
             refs, size = wire.plan_shapes([(shape, dtype) for _, shape, dtype in weights.entries])
             arena = SharedArena.create(size)
             try:
-                for name, ref in zip(names, refs):
+                for name, ref in zip(names, refs, strict=True):
                     tensor = weights.get(name)
                     if tuple(tensor.shape) != ref.shape or tensor.dtype != ref.dtype:
                         raise PoolError(f"weight {name}: got {tuple(tensor.shape)} {tensor.dtype}, announced "
@@ -459,7 +460,7 @@ class WorkerPool:
                     "comm_dtype": self.config.comm_dtype.value},
                 "workers": workers}
 
-    def __enter__(self) -> "WorkerPool":
+    def __enter__(self) -> WorkerPool:
         return self
 
     def __exit__(self, *exc) -> None:

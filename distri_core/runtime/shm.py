@@ -40,11 +40,11 @@ class SharedArena:
             os.close(fd)
 
     @classmethod
-    def create(cls, size: int) -> "SharedArena":
+    def create(cls, size: int) -> SharedArena:
         return cls(os.path.join(SHM_DIR, _prefix() + secrets.token_hex(16)), size, create=True)
 
     @classmethod
-    def attach(cls, path: str, size: int) -> "SharedArena":
+    def attach(cls, path: str, size: int) -> SharedArena:
         return cls(path, size, create=False)
 
     def view(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -103,7 +103,7 @@ def plan_shapes(items: list[tuple[tuple[int, ...], torch.dtype]], start: int = 0
 
 
 def write(arena: SharedArena, refs: list[TensorRef], tensors: list[torch.Tensor]) -> None:
-    for ref, t in zip(refs, tensors):
+    for ref, t in zip(refs, tensors, strict=True):
         arena.view(ref.offset, ref.shape, ref.dtype).copy_(t.detach())
 
 

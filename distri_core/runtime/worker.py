@@ -121,7 +121,7 @@ class Worker:
         spec = pickle.loads(msg["spec"])
         arena = SharedArena.attach(msg["arena"], msg["size"])
         names, refs = msg["names"], msg["refs"]
-        state = dict(zip(names, wire.read(arena, refs)))
+        state = dict(zip(names, wire.read(arena, refs), strict=True))
         factory = resolve(spec.factory)
         with torch.device("meta"):
             model = factory(**spec.kwargs)

@@ -7,8 +7,8 @@ extension point) and `Installed.undo()` restores the model exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn

@@ -99,3 +99,12 @@ class ComfyServer:
                 self.proc.kill()
                 self.proc.wait(10)
         self._log.close()
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

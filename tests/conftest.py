@@ -89,7 +89,7 @@ def comfy_base(comfy_root, tmp_path_factory):
 def comfy_server(comfy_root, comfy_base):
     """A real ComfyUI server on loopback with this pack in its custom_nodes (shared by the
     headless and browser tests)."""
-    from comfy_server import ComfyServer
+    from comfy_server import ComfyServer, pid_alive
 
     server = ComfyServer(comfy_root, comfy_base)
     try:
@@ -104,15 +104,8 @@ def comfy_server(comfy_root, comfy_base):
     from distri_core.runtime.shm import owned_segments
 
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
         time.sleep(0.2)
-    assert not [p for p in pids if _alive(p)], "workers outlived the ComfyUI server"
+    assert not [p for p in pids if pid_alive(p)], "workers outlived the ComfyUI server"
     assert owned_segments(server.proc.pid) == []
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from comfy_server import pid_alive
 from workflow_runs import CKPT
 
 
@@ -88,18 +89,11 @@ def test_stop_route_frees_the_workers_and_the_next_run_restarts_them(server):
     assert pids
     assert server.post("/distri/stop", {})["state"] == "stopped"
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
         time.sleep(0.2)
-    assert not any(_alive(p) for p in pids)
+    assert not any(pid_alive(p) for p in pids)
     done = server.run(txt2img("DistriSampler", size=128, steps=1))
     assert done["status"]["status_str"] == "success"
     fresh = [w["pid"] for w in server.get("/distri/status")["workers"]]
     assert len(fresh) == 2 and not set(fresh) & set(pids)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False

@@ -12,6 +12,11 @@ TINY = {
                  transformer_depth=[1, 1, 0], transformer_depth_output=[1, 1, 1, 1, 0, 0],
                  transformer_depth_middle=1, use_linear_in_transformer=False, context_dim=32,
                  adm_in_channels=None),
+    # SD2.x layout: linear projections, 64-dim heads (ComfyUI's SD20 config fixes num_head_channels=64).
+    "sd2": dict(model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=[1, 1, 1],
+                transformer_depth=[1, 1, 0], transformer_depth_output=[1, 1, 1, 1, 0, 0],
+                transformer_depth_middle=1, use_linear_in_transformer=True, context_dim=48,
+                adm_in_channels=None),
     # SDXL layout: linear projections, no attention at the top level, label embedding (adm).
     "sdxl": dict(model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=[1, 1, 1],
                  transformer_depth=[0, 1, 2], transformer_depth_output=[0, 0, 1, 1, 2, 2],
@@ -32,7 +37,9 @@ def setup(path: str) -> None:
 
 def build(kind: str = "sd15", seed: int = 0, **overrides):
     """A ComfyUI BaseModel (model.diffusion_model is the UNetModel) with random weights.
-    `overrides` change the UNet config (e.g. in_channels=9 makes an inpainting model)."""
+    `overrides` change the UNet config (e.g. in_channels=9 makes an inpainting model). "sd2" is
+    a v-prediction model, like SD2.x 768."""
+    import comfy.model_base
     import comfy.supported_models
 
     from distri_core.zoo import randomize
@@ -40,10 +47,14 @@ def build(kind: str = "sd15", seed: int = 0, **overrides):
     cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
            "legacy": False, "in_channels": 4, "use_temporal_resblock": False, "use_temporal_attention": False,
            **TINY[kind], **overrides}
-    config_cls = comfy.supported_models.SD15 if kind == "sd15" else comfy.supported_models.SDXL
+    config_cls = {"sd15": comfy.supported_models.SD15, "sd2": comfy.supported_models.SD20,
+                  "sdxl": comfy.supported_models.SDXL}[kind]
     model_config = config_cls(cfg)
     model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({})
+    if kind == "sd2":
+        model = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.V_PREDICTION)
+    else:
+        model = model_config.get_model({})
     randomize(model.diffusion_model, seed)
     return model.eval().requires_grad_(False)
 

@@ -77,6 +77,14 @@ def test_full_sync_matches_ksampler_on_sdxl(env, ranks, cfg_split):
     assert rel_err(out, ref) < 1e-4
 
 
+def test_full_sync_matches_ksampler_on_sd2_v_prediction(env):
+    model = comfy_host.patcher("sd2")
+    assert model.model.model_type.name == "V_PREDICTION"
+    out, ref = run_pair(env, model, settings(env, ranks=3), kind="sd2", sampler="euler_ancestral",
+                        scheduler="normal")
+    assert rel_err(out, ref) < 1e-4
+
+
 def test_img2img_and_noise_mask_inpainting(env, sd15):
     lat = comfy_host.latent(H, W, seed=9)
     out, ref = run_pair(env, sd15, settings(env), latent=lat, denoise=0.55)

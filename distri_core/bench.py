@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from . import zoo
 from .config import Mode, PatchParallelConfig
 from .runtime.launch import LocalCluster
 from .sampling import ddim_sample
@@ -36,7 +37,6 @@ def _peak_rss_mb() -> float:
 def _run(info, model_name: str, size: int, steps: int, mode: str | None, warmup: int, guidance: float,
          comm_dtype: str, dtype: str, seed: int):
     """One denoising loop on this rank; rank 0 returns the measurements and the final latent."""
-    from . import zoo
     from .runtime.engine import DistriUNet
 
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
@@ -207,7 +207,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m distri_core.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny", help="random-weight UNet: micro, tiny, sd15, sdxl")
+    p.add_argument("--model", default="tiny", choices=sorted(zoo.CONFIGS),
+                   help="random-weight UNet (see distri_core.zoo): micro, tiny, small, sd15, sdxl")
     p.add_argument("--size", type=int, default=1024, help="image size in pixels (latent = size/8), square")
     p.add_argument("--ranks", default="1,2", help="comma list of rank counts; 1 is always measured")
     p.add_argument("--modes", default="full_sync,corrected_async_gn,naive_patch", help="comma list of modes")

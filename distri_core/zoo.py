@@ -4,8 +4,8 @@
 only at 1/8 of the latent resolution and channels wide enough (64-256) that its convolutions are
 compute-bound like a real SD UNet's: a 2048^2 image (256^2 latent) takes about 3 s per step on
 one CPU core. `small` is narrower (32-128) but adds attention at 1/4 resolution (SDXL-like: none
-at the top levels), so attention dominates as it does in SDXL at 2048^2. `sd15` and `sdxl` have the real architectures' shapes (860M / 2.6B parameters),
-initialised randomly.
+at the top levels), so attention dominates as it does in SDXL at 2048^2. `sd15` and `sdxl` have
+the real architectures' shapes (860M / 2.6B parameters), initialised randomly.
 """
 
 from __future__ import annotations

@@ -28,12 +28,17 @@ class Exchanger(Protocol):
 
     gather:  blocking all-gather of this call's tensors; kept as next call's stale state unless
              keep=False (for exchanges that are never read stale).
+    gather_start: the same, launched asynchronously; the returned function waits and gives the
+             tensors (so a synchronous layer can compute what does not need them meanwhile).
     stale:   last call's tensors of every rank (waits for the pending gather that brings them).
     publish: hand over this call's tensor; it is sent asynchronously, overlapping later compute.
     """
 
     def gather(self, name: str, fresh: torch.Tensor, scaled_dim: int | None,
                keep: bool = True) -> list[torch.Tensor]: ...
+
+    def gather_start(self, name: str, fresh: torch.Tensor, scaled_dim: int | None,
+                     keep: bool = True) -> Callable[[], list[torch.Tensor]]: ...
 
     def stale(self, name: str, fresh: torch.Tensor, scaled_dim: int | None) -> list[torch.Tensor]: ...
 

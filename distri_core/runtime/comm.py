@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -139,6 +140,12 @@ class StaleBuffers:
     # -- Exchanger protocol ---------------------------------------------------------------
     def gather(self, name: str, fresh: torch.Tensor, scaled_dim: int | None,
                keep: bool = True) -> list[torch.Tensor]:
+        return self.gather_start(name, fresh, scaled_dim, keep)()
+
+    def gather_start(self, name: str, fresh: torch.Tensor, scaled_dim: int | None,
+                     keep: bool = True) -> Callable[[], list[torch.Tensor]]:
+        """Launch the all-gather of `gather` asynchronously; the returned function waits for it
+        and returns the views. The caller computes what does not depend on it in between."""
         name = self._unique(name)
         keep = keep and self.keep_stale
         entry = self.entries.get(name) if keep else None
@@ -149,18 +156,23 @@ class StaleBuffers:
                 self.entries[name] = entry
         rows = fresh.new_empty(self.world, entry.slot)
         rows[self.rank, :fresh.numel()].copy_(fresh.reshape(-1))
-        t0 = time.perf_counter()
-        all_gather_rows(rows, self.rank, self.group)
-        self.stats.wait_s += time.perf_counter() - t0
+        work = all_gather_rows(rows, self.rank, self.group, async_op=True)
         self.stats.add(entry.slot * rows.element_size(), self.world - 1)
-        views = [rows[j, :math.prod(entry.shapes[j])].view(entry.shapes[j]) for j in range(self.world)]
-        if keep:
-            if entry.bucket is not None:
-                self._wait(entry.bucket)
-                entry.bucket.rows[:, entry.offset:entry.offset + entry.slot].copy_(rows)
-            elif self.phase is Phase.REGISTER and name in self.entries:
-                entry.kept = rows
-        return views
+
+        def finish() -> list[torch.Tensor]:
+            t0 = time.perf_counter()
+            work.wait()
+            self.stats.wait_s += time.perf_counter() - t0
+            views = [rows[j, :math.prod(entry.shapes[j])].view(entry.shapes[j]) for j in range(self.world)]
+            if keep:
+                if entry.bucket is not None:
+                    self._wait(entry.bucket)
+                    entry.bucket.rows[:, entry.offset:entry.offset + entry.slot].copy_(rows)
+                elif self.phase is Phase.REGISTER and name in self.entries:
+                    entry.kept = rows
+            return views
+
+        return finish
 
     def stale(self, name: str, fresh: torch.Tensor, scaled_dim: int | None) -> list[torch.Tensor]:
         name = self._unique(name)

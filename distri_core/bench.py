@@ -151,50 +151,73 @@ def _errors(out: torch.Tensor, ref: torch.Tensor) -> dict:
             "psnr_db": round(psnr, 2) if math.isfinite(psnr) else None}
 
 
+def _measure(args: argparse.Namespace, n: int, mode: str | None, devices: list[str] | None) -> tuple[dict, list]:
+    """One run of one configuration: rank 0's result and every rank's memory."""
+    devs = devices[:n] if devices else None
+    backend = "nccl" if devs and devs[0].startswith("cuda") else "gloo"
+    if args.pool and mode is not None:
+        r0 = _run_pool(n, args, mode)
+        return r0, [{"memory": m} for m in r0["memory"]]
+    with LocalCluster(n, backend=backend, devices=devs, threads=args.threads) as cluster:
+        outs = cluster.run(_run, args.model, args.size, args.steps, mode, args.warmup, args.cfg, args.comm_dtype,
+                           args.dtype, args.seed, timeout=args.timeout)
+    return outs[0], outs
+
+
 def run_benchmark(args: argparse.Namespace) -> dict:
     ranks = [int(r) for r in args.ranks.split(",")]
     modes = [Mode(m).value for m in args.modes.split(",")]
     if 1 not in ranks:
         ranks = [1] + ranks  # the single-device reference is always measured
     devices = args.devices.split(",") if args.devices else None
-    common = (args.model, args.size, args.steps)
-    results, ref, base_time = [], None, None
-    for n in sorted(set(ranks)):
-        for mode in ([None] if n == 1 else modes):
-            devs = devices[:n] if devices else None
-            backend = "nccl" if devs and devs[0].startswith("cuda") else "gloo"
+    configs = [(n, mode) for n in sorted(set(ranks)) for mode in ([None] if n == 1 else modes)]
+    # With --repeat, the configurations run in interleaved rounds (a, b, c, a, b, c, ...) so that
+    # a slow phase of a shared machine does not fall on one configuration only; times are the
+    # median over rounds.
+    runs: dict[tuple, list] = {c: [] for c in configs}
+    for _ in range(args.repeat):
+        for n, mode in configs:
             t0 = time.perf_counter()
-            if args.pool and mode is not None:
-                r0 = _run_pool(n, args, mode)
-                outs = [{"memory": m} for m in r0["memory"]]
-            else:
-                with LocalCluster(n, backend=backend, devices=devs, threads=args.threads) as cluster:
-                    outs = cluster.run(_run, *common, mode, args.warmup, args.cfg, args.comm_dtype, args.dtype,
-                                       args.seed, timeout=args.timeout)
-                r0 = outs[0]
-            total = sum(r0["times"])
-            steady = r0["times"][min(len(r0["times"]) - 1, args.warmup + 1):]
-            row = {
-                "ranks": n, "mode": mode or "single_device",
-                "sec_per_step": round(total / args.steps, 4),
-                "sec_per_step_after_warmup": round(sum(steady) / len(steady), 4),
-                "calls_per_step": r0["stats"]["calls"] / args.steps,
-                "bytes_per_step": int(r0["stats"]["bytes_sent"] / args.steps),
-                "collectives_per_step": round(r0["stats"]["collectives"] / args.steps, 2),
-                "memory_per_rank": [o["memory"] for o in outs],
-                "wall_s": round(time.perf_counter() - t0, 1),
-                "via": "pool" if args.pool and mode is not None else "ranks",
-            }
-            if "overhead_s_per_call" in r0:
-                row["pool_overhead_s_per_call"] = round(r0["overhead_s_per_call"], 5)
-                row["pool_overhead_fraction"] = round(r0["overhead_s_per_call"] * row["calls_per_step"]
-                                                      / row["sec_per_step"], 4)
-            if n == 1:
-                ref, base_time = r0["latent"], total
-            row["speedup"] = round(base_time / total, 3)
-            row.update(_errors(r0["latent"], ref))
-            log.info("%s", {k: v for k, v in row.items() if k != "memory_per_rank"})
-            results.append(row)
+            r0, outs = _measure(args, n, mode, devices)
+            runs[(n, mode)].append((r0, outs, time.perf_counter() - t0))
+            log.info("measured ranks=%d mode=%s: %.4f s/step", n, mode or "single_device",
+                     sum(r0["times"]) / args.steps)
+
+    def median(values: list[float]) -> float:
+        v = sorted(values)
+        return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+    results, ref, base_time = [], None, None
+    for n, mode in configs:
+        r0, outs, wall = runs[(n, mode)][0]
+        totals = [sum(r["times"]) for r, _, _ in runs[(n, mode)]]
+        first = min(len(r0["times"]) - 1, args.warmup + 1)
+        steady = [sum(r["times"][first:]) / len(r["times"][first:]) for r, _, _ in runs[(n, mode)]]
+        total = median(totals)
+        row = {
+            "ranks": n, "mode": mode or "single_device",
+            "sec_per_step": round(total / args.steps, 4),
+            "sec_per_step_after_warmup": round(median(steady), 4),
+            "calls_per_step": r0["stats"]["calls"] / args.steps,
+            "bytes_per_step": int(r0["stats"]["bytes_sent"] / args.steps),
+            "collectives_per_step": round(r0["stats"]["collectives"] / args.steps, 2),
+            "memory_per_rank": [o["memory"] for o in outs],
+            "wall_s": round(wall, 1),
+            "via": "pool" if args.pool and mode is not None else "ranks",
+        }
+        if args.repeat > 1:
+            row["rounds_sec_per_step"] = [round(t / args.steps, 4) for t in totals]
+            row["rounds_sec_per_step_after_warmup"] = [round(t, 4) for t in steady]
+        if "overhead_s_per_call" in r0:
+            row["pool_overhead_s_per_call"] = round(r0["overhead_s_per_call"], 5)
+            row["pool_overhead_fraction"] = round(r0["overhead_s_per_call"] * row["calls_per_step"]
+                                                  / row["sec_per_step"], 4)
+        if n == 1:
+            ref, base_time = r0["latent"], total
+        row["speedup"] = round(base_time / total, 3)
+        row.update(_errors(r0["latent"], ref))
+        log.info("%s", {k: v for k, v in row.items() if k != "memory_per_rank"})
+        results.append(row)
     return {
         "benchmark": "distri_core.bench",
         "args": vars(args),
@@ -213,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranks", default="1,2", help="comma list of rank counts; 1 is always measured")
     p.add_argument("--modes", default="full_sync,corrected_async_gn,naive_patch", help="comma list of modes")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run every configuration this many times, in interleaved rounds; report medians")
     p.add_argument("--warmup", type=int, default=4, help="warm-up steps after the first")
     p.add_argument("--cfg", type=float, default=1.0, help="guidance scale; != 1 runs a [cond, uncond] batch")
     p.add_argument("--comm-dtype", default="auto", help="auto, fp32, fp16, bf16")
@@ -225,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="run the multi-rank configurations through the persistent WorkerPool (shows its overhead)")
     p.add_argument("--json", default="", help="write the results here (they are also printed)")
     args = p.parse_args(argv)
+    for name in ("steps", "repeat", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name}={getattr(args, name)}: use 1 or more")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     report = run_benchmark(args)
     text = json.dumps(report, indent=2)

@@ -88,9 +88,6 @@ class _Bucket:
     launched: bool = False
 
 
-SAME_GROUP = object()
-
-
 @dataclass
 class StaleBuffers:
     group: object
@@ -100,16 +97,11 @@ class StaleBuffers:
     keep_stale: bool
     stats: CommStats
     bucket_bytes: int = 8 << 20
-    blocking_group: object = SAME_GROUP  # for blocking gathers; default: `group`
     phase: Phase = Phase.REGISTER
     entries: dict[str, _Entry] = field(default_factory=dict)
     buckets: list[_Bucket] = field(default_factory=list)
     flat: list[torch.Tensor] = field(default_factory=list)
     _seen: dict[str, int] = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.blocking_group is SAME_GROUP:
-            self.blocking_group = self.group
 
     # -- per call -------------------------------------------------------------------------
     def begin_call(self) -> None:
@@ -164,7 +156,7 @@ class StaleBuffers:
                 self.entries[name] = entry
         rows = fresh.new_empty(self.world, entry.slot)
         rows[self.rank, :fresh.numel()].copy_(fresh.reshape(-1))
-        work = all_gather_rows(rows, self.rank, self.blocking_group, async_op=True)
+        work = all_gather_rows(rows, self.rank, self.group, async_op=True)
         self.stats.add(entry.slot * rows.element_size(), self.world - 1)
 
         def finish() -> list[torch.Tensor]:

@@ -136,7 +136,7 @@ class DistriUNet:
         rows = out.new_empty(self.groups.size, slot)
         rows[self.groups.rank, :out.numel()].copy_(out.reshape(-1))
         t0 = time.perf_counter()
-        all_gather_rows(rows, self.groups.rank, self.groups.blocking)
+        all_gather_rows(rows, self.groups.rank, self.groups.group)
         self.stats.wait_s += time.perf_counter() - t0
         self.stats.add(slot * rows.element_size(), self.groups.size - 1)
         full = out.new_empty(shape)
@@ -154,11 +154,11 @@ class DistriUNet:
         state = self._keys.get(k)
         if state is None:
             if len(layout.groups) == 1:
-                group, blocking = self.groups.group, self.groups.blocking
+                group = self.groups.group
             else:
-                group, blocking = self.groups.halves[g], self.groups.blocking_halves[g]
+                group = self.groups.halves[g]
             buffers = StaleBuffers(group, band, layout.bands.parts, layout.bands, self.config.mode.uses_stale,
-                                   self.stats, self.bucket_bytes, blocking_group=blocking)
+                                   self.stats, self.bucket_bytes)
             state = self._keys[k] = _KeyState(buffers)
         return state
 

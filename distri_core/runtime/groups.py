@@ -1,9 +1,4 @@
-"""Process groups for one engine: all its ranks, and the two halves used by CFG split.
-
-Each comes twice: one group carries the asynchronous bucket gathers of stale activations, its
-twin the blocking exchanges (synchronous steps, GroupNorm statistics in sync_gn, the output
-assembly). Collectives on one group run in issue order, so a blocking exchange on the same group
-would wait behind the megabytes still in flight; on its own group it does not."""
+"""Process groups for one engine: all its ranks, and the two halves used by CFG split."""
 
 from __future__ import annotations
 
@@ -17,22 +12,12 @@ import torch.distributed as dist
 class ParallelGroups:
     """`group` holds every rank of the engine (None: torch's default group); `rank` and `size`
     are relative to it. `halves[i]` is the process group of half i when the size is even (None
-    for a one-rank half, which never communicates). `blocking` and `blocking_halves` are their
-    twins for blocking collectives."""
+    for a one-rank half, which never communicates)."""
 
     group: object
     rank: int
     size: int
     halves: tuple[object, object] | None
-    blocking: object = None
-    blocking_halves: tuple[object, object] | None = None
-
-    def __post_init__(self):
-        # Without twins, blocking collectives share the groups of the asynchronous ones.
-        if self.blocking is None:
-            object.__setattr__(self, "blocking", self.group)
-        if self.blocking_halves is None:
-            object.__setattr__(self, "blocking_halves", self.halves)
 
 
 def single() -> ParallelGroups:
@@ -53,16 +38,14 @@ def build_groups(ranks: Sequence[int] | None = None, split_halves: bool = True) 
     ranks = list(range(everyone)) if ranks is None else list(ranks)
     group = None if ranks == list(range(everyone)) else dist.new_group(ranks)
     size = len(ranks)
-    blocking = dist.new_group(ranks) if size > 1 else group
-    halves = blocking_halves = None
+    halves = None
     if split_halves and size >= 2 and size % 2 == 0:
         half = size // 2
         if half == 1:
-            halves = blocking_halves = (None, None)
+            halves = (None, None)
         else:
             halves = (dist.new_group(ranks[:half]), dist.new_group(ranks[half:]))
-            blocking_halves = (dist.new_group(ranks[:half]), dist.new_group(ranks[half:]))
     me = dist.get_rank()
     if me not in ranks:
         return None
-    return ParallelGroups(group, ranks.index(me), size, halves, blocking, blocking_halves)
+    return ParallelGroups(group, ranks.index(me), size, halves)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 def _label(report: dict) -> str:
     a = report["args"]
-    return f"{a['model']} {a['size']}px"
+    rounds = a.get("repeat", 1)
+    return f"{a['model']} {a['size']}px" + (f" (median of {rounds} rounds)" if rounds > 1 else "")
 
 
 def table(report: dict) -> str:
@@ -40,7 +41,7 @@ def plots(reports: list[dict], out: Path) -> list[Path]:
     written = []
 
     def bars(name: str, ylabel: str, value, skip_single: bool = False, log: bool = False):
-        fig, ax = plt.subplots(figsize=(8, 3.6))
+        fig, ax = plt.subplots(figsize=(10, 3.6))
         width = 0.8 / max(1, len(reports))
         modes = []
         for rep in reports:
@@ -58,7 +59,7 @@ def plots(reports: list[dict], out: Path) -> list[Path]:
         ax.set_ylabel(ylabel)
         if log:
             ax.set_yscale("log")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         path = out / f"{name}.png"
         fig.savefig(path, dpi=110)

@@ -34,22 +34,56 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _inputs(model_name: str, size: int, guidance: float, dtype: torch.dtype, seed: int,
+            device: torch.device | str = "cpu"):
+    """The loop's starting latent, text context ([cond, uncond] with CFG) and extra inputs."""
+    h = w = size // 8
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(1, 4, h, w, generator=gen).to(device, dtype)
+    batch = 2 if guidance != 1.0 else 1
+    ctx = torch.randn(*zoo.context_shape(model_name, 1), generator=gen)
+    ctx = torch.cat([ctx, torch.zeros_like(ctx)]) if batch == 2 else ctx
+    return x, ctx.to(device, dtype), zoo.extra_inputs(model_name, batch, h, w), batch
+
+
+def _guided(unet_call, batch: int, guidance: float, device: torch.device | str = "cpu"):
+    """The DDIM loop's eps function: one UNet call on [x, x] with CFG, or on x without."""
+    def eps_fn(xt, t, i):
+        xx = torch.cat([xt, xt]) if batch == 2 else xt
+        out = unet_call(xx, torch.full((batch,), float(t), device=device))
+        if batch == 1:
+            return out
+        c, u = out.chunk(2)
+        return u + guidance * (c - u)
+    return eps_fn
+
+
+def _step_timer(device: torch.device):
+    """Seconds of every step (the DDIM callback), with the device's queue drained first."""
+    times: list[float] = []
+    last = [time.perf_counter()]
+
+    def tick(i, _x):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+    return times, tick
+
+
 def _run(info, model_name: str, size: int, steps: int, mode: str | None, warmup: int, guidance: float,
          comm_dtype: str, dtype: str, seed: int):
     """One denoising loop on this rank; rank 0 returns the measurements and the final latent."""
     from .runtime.engine import DistriUNet
 
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    torch_dtype = DTYPES[dtype]
     device = torch.device(info.device)
     unet = zoo.build(model_name, seed=seed, dtype=torch_dtype).to(device)
-    h = w = size // 8
-    gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(1, 4, h, w, generator=gen).to(device, torch_dtype)
-    batch = 2 if guidance != 1.0 else 1
-    ctx = torch.randn(*zoo.context_shape(model_name, 1), generator=gen)
-    ctx = torch.cat([ctx, torch.zeros_like(ctx)]) if batch == 2 else ctx
-    ctx = ctx.to(device, torch_dtype)
-    extra = zoo.extra_inputs(model_name, batch, h, w)
+    x, ctx, extra, batch = _inputs(model_name, size, guidance, torch_dtype, seed, device)
 
     engine = None
     if mode is not None:
@@ -61,28 +95,11 @@ def _run(info, model_name: str, size: int, steps: int, mode: str | None, warmup:
             return unet(xx, tt, encoder_hidden_states=ctx, return_dict=False, **extra)[0]
         return engine(xx, tt, ctx, **extra)
 
-    def eps_fn(xt, t, i):
-        xx = torch.cat([xt, xt]) if batch == 2 else xt
-        out = unet_call(xx, torch.full((batch,), float(t), device=device))
-        if batch == 1:
-            return out
-        c, u = out.chunk(2)
-        return u + guidance * (c - u)
-
-    times: list[float] = []
-    last = [time.perf_counter()]
-
-    def tick(i, _x):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        now = time.perf_counter()
-        times.append(now - last[0])
-        last[0] = now
-
+    times, tick = _step_timer(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with torch.inference_mode():
-        out = ddim_sample(eps_fn, x, steps, callback=tick)
+        out = ddim_sample(_guided(unet_call, batch, guidance, device), x, steps, callback=tick)
     stats = engine.stats.snapshot() if engine else {"bytes_sent": 0, "collectives": 0, "calls": steps * 1}
     stale = engine.stale_bytes if engine else 0
     if engine:
@@ -98,44 +115,28 @@ def _run(info, model_name: str, size: int, steps: int, mode: str | None, warmup:
 
 def _run_pool(n: int, args: argparse.Namespace, mode: str) -> dict:
     """The same loop, driven from this process through a WorkerPool of n CPU/GPU ranks."""
-    from . import zoo
     from .runtime.pool import ModelSpec, WorkerPool
 
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    torch_dtype = DTYPES[args.dtype]
     devices = args.devices.split(",")[:n] if args.devices else ["cpu"] * n
-    h = w = args.size // 8
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    x = torch.randn(1, 4, h, w, generator=gen).to(torch_dtype)
-    batch = 2 if args.cfg != 1.0 else 1
-    ctx = torch.randn(*zoo.context_shape(args.model, 1), generator=gen)
-    ctx = (torch.cat([ctx, torch.zeros_like(ctx)]) if batch == 2 else ctx).to(torch_dtype)
-    extra = zoo.extra_inputs(args.model, batch, h, w)
+    x, ctx, extra, batch = _inputs(args.model, args.size, args.cfg, torch_dtype, args.seed)
     with WorkerPool(devices, threads=args.threads, call_timeout=args.timeout) as pool:
         pool.configure(PatchParallelConfig(world_size=n, mode=mode, warmup_steps=args.warmup,
                                            comm_dtype=args.comm_dtype))
         spec = ModelSpec("diffusers:UNet2DConditionModel", zoo.diffusers_config(args.model), torch_dtype)
         pool.load_model((args.model, args.seed), spec, lambda: zoo.build(args.model, seed=args.seed).state_dict())
-        times, overhead, stats = [], [], {"bytes_sent": 0, "collectives": 0, "calls": 0}
-        last = [time.perf_counter()]
+        overhead, stats = [], {"bytes_sent": 0, "collectives": 0, "calls": 0}
 
-        def eps_fn(xt, t, i):
-            xx = torch.cat([xt, xt]) if batch == 2 else xt
-            out = pool(xx, torch.full((batch,), float(t)), ctx, **extra)
+        def unet_call(xx, tt):
+            out = pool(xx, tt, ctx, **extra)
             overhead.append(pool.last_call["overhead_s"])
             stats["bytes_sent"] += pool.last_call["bytes_sent"]
             stats["collectives"] += pool.last_call["collectives"]
             stats["calls"] += 1
-            if batch == 1:
-                return out
-            c, u = out.chunk(2)
-            return u + args.cfg * (c - u)
+            return out
 
-        def tick(i, _x):
-            now = time.perf_counter()
-            times.append(now - last[0])
-            last[0] = now
-
-        out = ddim_sample(eps_fn, x, args.steps, callback=tick)
+        times, tick = _step_timer(torch.device("cpu"))  # the pool returns outputs on the CPU, finished
+        out = ddim_sample(_guided(unet_call, batch, args.cfg), x, args.steps, callback=tick)
         pool.end_run()
         memory = [dict(wk["memory"]) for wk in pool.status()["workers"]]
     return {"times": times, "stats": stats, "latent": out.float(), "memory": memory,

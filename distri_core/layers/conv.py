@@ -110,33 +110,34 @@ class DistriConv2d(DistriLayer):
         exchange is in flight, then the p rows at each edge. Every output row sees exactly the
         input rows it would see in the padded band, so the result is the same."""
         p, h = self.halo, x.shape[2]
-        fresh = halo_slot(x, p)
-        if ctx.comm_dtype is not None:
-            fresh = fresh.to(ctx.comm_dtype)
-        finish = ctx.exchanger.gather_start(self.name, fresh, None)
+        finish = ctx.exchanger.gather_start(self.name, self._halo_slot(ctx, x), None)
         m = self.module
-
-        def conv(rows: torch.Tensor) -> torch.Tensor:
-            return F.conv2d(rows, w, b, m.stride, (0, self.pad_w), m.dilation, m.groups)
-
         with self.host.weights(m, x) as (w, b):
+            def conv(rows: torch.Tensor) -> torch.Tensor:
+                return F.conv2d(rows, w, b, m.stride, (0, self.pad_w), m.dilation, m.groups)
+
             interior = conv(x)  # output rows p .. h-p-1
-            views = finish()
-            heights = [ctx.bands.scaled(j, h, ctx.rank) for j in range(ctx.bands.parts)]
-            above, below = assemble_halo(views, heights, ctx.rank, p)
-            top = conv(torch.cat([above.to(x.dtype), x[:, :, :2 * p]], dim=2))
-            bottom = conv(torch.cat([x[:, :, h - 2 * p:], below.to(x.dtype)], dim=2))
+            above, below = self._neighbours(ctx, finish(), x)
+            top = conv(torch.cat([above, x[:, :, :2 * p]], dim=2))
+            bottom = conv(torch.cat([x[:, :, h - 2 * p:], below], dim=2))
         return torch.cat([top, interior, bottom], dim=2)
 
-    def _with_halo(self, ctx: CallContext, x: torch.Tensor) -> torch.Tensor:
-        p = self.halo
-        fresh = halo_slot(x, p)
-        if ctx.comm_dtype is not None:
-            fresh = fresh.to(ctx.comm_dtype)
-        views, _ = self.exchange(ctx, fresh)
+    def _halo_slot(self, ctx: CallContext, x: torch.Tensor) -> torch.Tensor:
+        """What this band sends its neighbours, in the exchange's dtype."""
+        fresh = halo_slot(x, self.halo)
+        return fresh if ctx.comm_dtype is None else fresh.to(ctx.comm_dtype)
+
+    def _neighbours(self, ctx: CallContext, views: list[torch.Tensor], x: torch.Tensor):
+        """The halo rows above and below this band, in x's dtype, from every band's slot."""
         heights = [ctx.bands.scaled(j, x.shape[2], ctx.rank) for j in range(ctx.bands.parts)]
-        above, below = assemble_halo(views, heights, ctx.rank, p)
-        padded = torch.cat([above.to(x.dtype), x, below.to(x.dtype)], dim=2)
+        above, below = assemble_halo(views, heights, ctx.rank, self.halo)
+        return above.to(x.dtype), below.to(x.dtype)
+
+    def _with_halo(self, ctx: CallContext, x: torch.Tensor) -> torch.Tensor:
+        fresh = self._halo_slot(ctx, x)
+        views, _ = self.exchange(ctx, fresh)
+        above, below = self._neighbours(ctx, views, x)
+        padded = torch.cat([above, x, below], dim=2)
         self.publish(ctx, fresh)
         return padded
 

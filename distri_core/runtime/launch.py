@@ -53,9 +53,11 @@ class RankInfo:
     device: str
 
 
-def _watch_parent(parent: int) -> None:
+def watch_parent(parent: int, interval: float = 1.0) -> None:
+    """Exit this process as soon as `parent` is no longer its parent (the parent died and the
+    process was re-parented); run it in a daemon thread."""
     while True:
-        time.sleep(1.0)
+        time.sleep(interval)
         if os.getppid() != parent:
             os._exit(3)
 
@@ -65,7 +67,7 @@ def _rank_main(rank: int, world: int, port: int, backend: str, threads: int, dev
     import torch
     import torch.distributed as dist
 
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    threading.Thread(target=watch_parent, args=(parent,), daemon=True).start()
     torch.set_num_threads(threads)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))

@@ -264,7 +264,7 @@ class WorkerPool:
             self.start()
 
     # -- messaging --------------------------------------------------------------------------------
-    def _request(self, msg: dict, timeout: float, cancel: Callable[[], bool] | None = None) -> list[dict]:
+    def _request(self, msg: dict, timeout: float) -> list[dict]:
         for p in self._procs:
             try:
                 wire.send(p.fd_to, msg)

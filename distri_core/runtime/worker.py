@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from . import wire
+from .launch import watch_parent
 from .shm import SharedArena
 
 log = logging.getLogger("distri_core.worker")
@@ -199,13 +200,6 @@ class Worker:
             torch.cuda.empty_cache()
 
 
-def _watch_parent(parent: int) -> None:
-    while True:
-        time.sleep(0.5)
-        if os.getppid() != parent:
-            os._exit(3)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m distri_core.runtime.worker")
     p.add_argument("--rank", type=int, required=True)
@@ -223,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["DISTRI_DEVICE"] = args.device
     logging.basicConfig(level=logging.INFO, format=f"distri_core.worker[{args.rank}]: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the host's terminal is the host's
-    threading.Thread(target=_watch_parent, args=(args.parent,), daemon=True).start()
+    threading.Thread(target=watch_parent, args=(args.parent, 0.5), daemon=True).start()
     if args.threads:
         torch.set_num_threads(args.threads)
     worker = Worker(args)

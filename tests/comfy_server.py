@@ -108,3 +108,11 @@ def pid_alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def still_alive(pids: list[int], timeout: float) -> list[int]:
+    """Wait up to `timeout` seconds for `pids` to end; the ones still running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
+        time.sleep(0.2)
+    return [p for p in pids if pid_alive(p)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -89,7 +88,7 @@ def comfy_base(comfy_root, tmp_path_factory):
 def comfy_server(comfy_root, comfy_base):
     """A real ComfyUI server on loopback with this pack in its custom_nodes (shared by the
     headless and browser tests)."""
-    from comfy_server import ComfyServer, pid_alive
+    from comfy_server import ComfyServer, still_alive
 
     server = ComfyServer(comfy_root, comfy_base)
     try:
@@ -103,9 +102,6 @@ def comfy_server(comfy_root, comfy_base):
     # Stopping ComfyUI (Ctrl-C) stops its workers and leaves no shared memory behind.
     from distri_core.runtime.shm import owned_segments
 
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
-        time.sleep(0.2)
-    assert not [p for p in pids if pid_alive(p)], "workers outlived the ComfyUI server"
+    assert not still_alive(pids, 15), "workers outlived the ComfyUI server"
     assert owned_segments(server.proc.pid) == []
 

@@ -11,8 +11,7 @@ from distri_core.runtime.pool import ModelSpec
 
 
 def micro_spec() -> ModelSpec:
-    config = dict(sample_size=64, in_channels=4, out_channels=4, norm_num_groups=32, **zoo.CONFIGS["micro"])
-    return ModelSpec(factory="diffusers:UNet2DConditionModel", kwargs=config)
+    return ModelSpec(factory="diffusers:UNet2DConditionModel", kwargs=zoo.diffusers_config("micro"))
 
 
 def micro_weights(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -39,7 +39,14 @@ def inputs(family: str, kind: str, batch: int, height: int, width: int, seed: in
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 4, height, width, generator=g)
     t = torch.full((batch,), 500.0)
-    dim = {"micro": 32, "tiny": 64, "small": 64, "sd15": 32, "sdxl": 64}[kind]
+    if family == "diffusers":
+        from distri_core import zoo
+
+        dim = zoo.CONFIGS[kind]["cross_attention_dim"]
+    else:
+        import comfy_models
+
+        dim = comfy_models.TINY[kind]["context_dim"]
     ctx = torch.randn(batch, 7, dim, generator=g)
     kw = {}
     if family == "comfy" and kind == "sdxl":

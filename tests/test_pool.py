@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import pool_models
 import pytest
+import tasks
 import torch
+from comfy_server import pid_alive, still_alive
 
 from distri_core import PatchParallelConfig, zoo
 from distri_core.runtime.pool import PoolError, WorkerError, WorkerPool, shared_pool
@@ -24,28 +27,19 @@ EXACT = 1e-4
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _inputs(batch=2, height=48, width=40, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 4, height, width, generator=g), torch.full((batch,), 500.0), torch.randn(batch, 7, 32, generator=g)
+def _inputs(batch=2, height=48, width=40):
+    x, t, ctx, _ = tasks.inputs("diffusers", "micro", batch, height, width)
+    return x, t, ctx
+
+
+@functools.cache
+def _micro(seed: int):
+    return zoo.build("micro", seed=seed)
 
 
 def _reference(x, t, ctx, seed=0):
-    unet = zoo.build("micro", seed=seed)
     with torch.inference_mode():
-        return unet(x, t, encoder_hidden_states=ctx).sample
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie (exited, not yet reaped by its parent) counts as gone
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+        return _micro(seed)(x, t, encoder_hidden_states=ctx).sample
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +166,7 @@ def test_killed_worker_fails_the_call_fast_and_the_next_run_works(pool2):
     assert "died: killed by SIGKILL" in str(e.value) and e.value.rank == 1
     assert pool2.state == "broken"
     old = [w["pid"] for w in pool2.status()["workers"]]
-    assert not old or not any(_alive(p) for p in old)
+    assert not old or not any(pid_alive(p) for p in old)
     with pytest.raises(PoolError, match="the worker pool is broken: worker rank 1 on cpu"):
         pool2(x, t, ctx)  # mid-run: no silent restart without the model
     # the next run (load_model) starts a fresh pool; the model is shipped again
@@ -221,14 +215,14 @@ def test_reconfigure_from_two_to_three_ranks_and_shutdown_leaves_nothing():
     assert (pool(x, t, ctx) - _reference(x, t, ctx)).abs().max() < EXACT
     old = [w["pid"] for w in pool.status()["workers"]]
     pool3 = shared_pool(["cpu", "cpu", "cpu"])
-    assert pool3 is not pool and pool.state == "stopped" and not any(_alive(p) for p in old)
+    assert pool3 is not pool and pool.state == "stopped" and not any(pid_alive(p) for p in old)
     pool3.configure(PatchParallelConfig(world_size=3, mode="full_sync"))
     pool3.load_model("m", pool_models.micro_spec(), pool_models.micro_weights)
     assert (pool3(x, t, ctx) - _reference(x, t, ctx)).abs().max() < EXACT
     pids = [w["pid"] for w in pool3.status()["workers"]]
     pool3.close()
     time.sleep(0.2)
-    assert not any(_alive(p) for p in pids)
+    assert not any(pid_alive(p) for p in pids)
     assert owned_segments() == []
 
 
@@ -255,8 +249,5 @@ def test_killed_host_leaves_no_workers_or_segments(tmp_path):
     assert len(pids) == 2
     host.kill()
     host.wait(60)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.2)
-    assert not any(_alive(p) for p in pids)
+    assert not still_alive(pids, 10)
     assert owned_segments(host.pid) == []

@@ -3,11 +3,9 @@ checkpoint written by our own code, and API-format prompts posted to /prompt."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
-from comfy_server import pid_alive
+from comfy_server import still_alive
 from workflow_runs import CKPT
 
 
@@ -88,10 +86,7 @@ def test_stop_route_frees_the_workers_and_the_next_run_restarts_them(server):
     pids = [w["pid"] for w in server.get("/distri/status")["workers"]]
     assert pids
     assert server.post("/distri/stop", {})["state"] == "stopped"
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
-        time.sleep(0.2)
-    assert not any(pid_alive(p) for p in pids)
+    assert not still_alive(pids, 15)
     done = server.run(txt2img("DistriSampler", size=128, steps=1))
     assert done["status"]["status_str"] == "success"
     fresh = [w["pid"] for w in server.get("/distri/status")["workers"]]

@@ -4,32 +4,16 @@ definitions."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
-
-
-def _generator():
-    spec = importlib.util.spec_from_file_location("distri_workflow_generator", WORKFLOWS / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-def _names() -> list[str]:
-    return sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+from workflow_runs import WORKFLOWS, generator, names
 
 
 def test_every_workflow_has_a_thumbnail_and_an_api_twin():
-    names = _names()
-    assert len(names) == 6
-    for name in names:
+    found = names()
+    assert len(found) == 6
+    for name in found:
         assert (WORKFLOWS / f"{name}.jpg").read_bytes()[:3] == b"\xff\xd8\xff", name  # a JPEG
         assert (WORKFLOWS / "api" / f"{name}.json").is_file(), name
         ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
@@ -37,7 +21,7 @@ def test_every_workflow_has_a_thumbnail_and_an_api_twin():
 
 
 def test_committed_files_are_what_the_generator_writes():
-    gen = _generator()
+    gen = generator()
     for make in gen.WORKFLOWS:
         wf = make()
         assert json.loads((WORKFLOWS / f"{wf.name}.json").read_text()) == wf.ui(), wf.name
@@ -100,7 +84,7 @@ def definitions(comfy_root):
 def test_default_titles_are_comfyuis_display_names(definitions):
     import nodes as comfy_nodes
 
-    gen = _generator()
+    gen = generator()
     from comfy_api.latest import io
     from comfy_extras import nodes_custom_sampler
     from distri_patch_parallel_pack.nodes import NODES
@@ -118,7 +102,7 @@ def test_default_titles_are_comfyuis_display_names(definitions):
         assert title == (display.get(type_) or type_), (type_, title, display.get(type_))
 
 
-@pytest.mark.parametrize("name", _names())
+@pytest.mark.parametrize("name", names())
 def test_ui_and_api_twins_agree_under_comfyuis_node_definitions(definitions, name):
     ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
     api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())

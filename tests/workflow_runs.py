@@ -4,6 +4,7 @@ ControlNet written by tests/checkpoints.py, small images, 2 steps, 2 CPU ranks."
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import json
 import sys
@@ -18,12 +19,14 @@ def names() -> list[str]:
     return sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 
 
-def _node_types() -> dict:
+@functools.cache
+def generator():
+    """workflows/generate.py as a module (loaded once)."""
     spec = importlib.util.spec_from_file_location("distri_workflow_generator", WORKFLOWS / "generate.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
-    return module.NODE_TYPES
+    return module
 
 
 def _small_inputs(name: str, class_type: str, inputs: dict) -> dict:
@@ -50,7 +53,7 @@ def small_api(name: str) -> dict:
 
 def small_ui(name: str) -> dict:
     ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
-    types = _node_types()
+    types = generator().NODE_TYPES
     for node in ui["nodes"]:
         widgets = types[node["type"]]["widgets"]
         values = dict(zip(widgets, node["widgets_values"], strict=False))

@@ -21,7 +21,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from distri_core import PatchParallelConfig
 from distri_core.layers.attention import UnsupportedInputError
-from distri_core.runtime.pool import LazyWeights, ModelSpec, WorkerPool, shared_pool
+from distri_core.runtime.pool import LazyWeights, ModelSpec, WorkerPool, available_devices, shared_pool
 from distri_core.surgery.adapters import ComfyUNetAdapter
 
 from .server_routes import notify
@@ -55,21 +55,12 @@ class DistriSettings:
     devices: tuple[str, ...]
     on_unsupported: str = "error"  # or "single_device"
 
-    def describe(self) -> str:
-        c = self.config
-        return (f"{c.world_size} rank(s) on {', '.join(self.devices)}, {c.mode.value}, warm-up {c.warmup_steps}, "
-                f"cfg split {'auto' if c.cfg_split is None else c.cfg_split}, comm {c.comm_dtype.value}")
-
-
-def gpu_devices() -> list[str]:
-    return [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-
 
 def resolve_devices(devices: str, ranks: int) -> tuple[str, ...]:
     """'auto' = every GPU (2 CPU ranks where there is none); 'cpu' = CPU ranks; else a list."""
     text = devices.strip().lower()
     if text in ("", "auto"):
-        found = gpu_devices()
+        found = available_devices()
         if not found:
             return ("cpu",) * (ranks or 2)
         if ranks and ranks > len(found):
@@ -81,7 +72,7 @@ def resolve_devices(devices: str, ranks: int) -> tuple[str, ...]:
     parts = tuple(str(torch.device(p.strip())) for p in text.split(",") if p.strip())
     if ranks and ranks != len(parts):
         raise ValueError(f"devices lists {len(parts)} device(s) but ranks={ranks}; set ranks to 0 or {len(parts)}")
-    available = gpu_devices()
+    available = available_devices()
     missing = [d for d in parts if d.startswith("cuda") and d not in available]
     if missing:
         raise ValueError(f"devices {missing} are not on this machine (it has {', '.join(available) or 'no GPU'}); "
@@ -227,14 +218,15 @@ class RunState:
         patched = sum(1 for k, v in model.patches.items() if v and k.startswith("diffusion_model."))
         label = f"{type(model.model.model_config).__name__} UNet, {str(dtype).replace('torch.', '')}" + \
             (f", {patched} patched weights" if patched else "")
-        pool.load_model(model_key(model, dtype), model_spec(model, dtype), effective_weights(model, dtype), label)
+        # The weights are computed only when the pool does not hold this model yet.
+        pool.load_model(model_key(model, dtype), model_spec(model, dtype), lambda: effective_weights(model, dtype),
+                        label)
         self.pool = pool
         return pool
 
-    def sync_for(self, transformer_options: dict) -> bool:
+    def sync_for(self, step: int | None) -> bool | None:
         """Exact context for the first step plus warm-up steps of this sampling run (per step,
         so samplers that call the model twice a step count steps, not calls)."""
-        step = self.step_of(transformer_options)
         return None if step is None else step <= self.settings.config.warmup_steps
 
     @staticmethod
@@ -285,8 +277,9 @@ def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transfo
     extra = {"y": y} if y is not None else {}
     if control is not None:
         extra["control"] = {k: list(v) for k, v in control.items()}
-    out = state.pool(x, timesteps, context, key=key, sync=state.sync_for(transformer_options), **extra)
-    state.progress(RunState.step_of(transformer_options))
+    step = RunState.step_of(transformer_options)
+    out = state.pool(x, timesteps, context, key=key, sync=state.sync_for(step), **extra)
+    state.progress(step)
     return out
 
 

@@ -87,6 +87,8 @@ class PatchParallelConfig:
                   True = require it (an odd rank count is an error), False = never.
     comm_dtype:   dtype for exchanged activations; `auto` = the model's dtype.
     devices:      optional device per rank ("cuda:0", "cpu", ...); empty = chosen by the runtime.
+    host_device:  the GPU the host application itself computes on (ComfyUI's CLIP, VAE,
+                  ControlNet, previews): a rank on it gets the smaller band (`light_ranks`).
     """
 
     world_size: int = 1
@@ -95,6 +97,7 @@ class PatchParallelConfig:
     cfg_split: bool | None = None
     comm_dtype: CommDtype = CommDtype.AUTO
     devices: tuple[str, ...] = field(default=())
+    host_device: str | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -145,6 +148,19 @@ class PatchParallelConfig:
                     f"device {dup[0]} is listed more than once; each rank needs a GPU of its own "
                     "(NCCL cannot run two ranks on one GPU); list distinct devices"
                 )
+        if self.host_device is not None:
+            try:
+                set_(self, "host_device", str(torch.device(self.host_device)))
+            except RuntimeError:
+                raise ValueError(f"host_device={self.host_device!r} is not a torch device name; use e.g. "
+                                 "'cuda:0', or None") from None
+
+    @property
+    def light_ranks(self) -> tuple[int, ...]:
+        """Ranks whose GPU the host application uses too: they get the smaller band."""
+        if self.host_device is None or torch.device(self.host_device).type == "cpu":
+            return ()
+        return tuple(r for r, d in enumerate(self.devices) if d == self.host_device)
 
     @property
     def split_cfg_possible(self) -> bool:

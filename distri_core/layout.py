@@ -45,9 +45,10 @@ class BandPlan:
         return num // den
 
 
-def plan_bands(height: int, parts: int, unit: int) -> BandPlan:
+def plan_bands(height: int, parts: int, unit: int, light: tuple[int, ...] = ()) -> BandPlan:
     """Split `height` latent rows into `parts` bands, each a multiple of `unit` rows, as even as
-    possible (the first bands take the extra units)."""
+    possible. The extra units go to the first bands that are not `light` (bands whose device
+    also serves the host), so a light band is never the larger one when others can take it."""
     if parts < 1:
         raise ValueError(f"cannot split into {parts} bands; use 1 or more")
     levels = unit.bit_length() - 1
@@ -66,7 +67,9 @@ def plan_bands(height: int, parts: int, unit: int) -> BandPlan:
             "ranks for this size, or a taller image"
         )
     base, extra = divmod(blocks, parts)
-    return BandPlan(tuple((base + (1 if i < extra else 0)) * unit for i in range(parts)), unit)
+    order = [i for i in range(parts) if i not in light] + [i for i in range(parts) if i in light]
+    bigger = set(order[:extra])
+    return BandPlan(tuple((base + (1 if i in bigger else 0)) * unit for i in range(parts)), unit)
 
 
 @dataclass(frozen=True)
@@ -89,15 +92,20 @@ class CallLayout:
         raise ValueError(f"rank {world_rank} is not part of this layout")
 
 
-def make_layout(world_size: int, batch: int, height: int, unit: int, split_batch: bool) -> CallLayout:
+def make_layout(world_size: int, batch: int, height: int, unit: int, split_batch: bool,
+                light: tuple[int, ...] = ()) -> CallLayout:
     """Layout for a batch of `batch` images of `height` latent rows.
 
     With `split_batch` and an even batch, the ranks form two halves and each half takes one half
     of the batch (ComfyUI batches cond then uncond); otherwise all ranks share the whole batch.
+    `light` ranks (sharing their GPU with the host) get the smaller band where bands differ.
     """
     if split_batch and world_size % 2 == 0 and batch % 2 == 0:
         half = world_size // 2
         groups = (tuple(range(half)), tuple(range(half, world_size)))
         chunks = ((0, batch // 2), (batch // 2, batch))
-        return CallLayout(groups, chunks, plan_bands(height, half, unit))
-    return CallLayout((tuple(range(world_size)),), ((0, batch),), plan_bands(height, world_size, unit))
+        # Both halves share one band plan: band i of each half has the same height, so a light
+        # rank of either half marks its band index as light.
+        light_bands = tuple(sorted({r % half for r in light}))
+        return CallLayout(groups, chunks, plan_bands(height, half, unit, light_bands))
+    return CallLayout((tuple(range(world_size)),), ((0, batch),), plan_bands(height, world_size, unit, light))

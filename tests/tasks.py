@@ -153,3 +153,13 @@ def expect_error(info, family, kind, batch, height, width, extra=None, comfy_pat
 def identity_attn1_patch(n, context, value, extra_options):
     """A ComfyUI attn1_patch (as IPAdapter-style packs install) that changes nothing."""
     return n, context, value
+
+
+def group_sum(info):
+    """An all-reduce over the task's own group: a sub-world's group is created after the workers
+    said they were ready, as NCCL creates its communicators lazily at first use."""
+    import torch.distributed as dist
+
+    t = torch.tensor([float(info.rank + 1)])
+    dist.all_reduce(t, group=info.groups.group)
+    return float(t)

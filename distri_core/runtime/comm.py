@@ -5,15 +5,18 @@ layout). Its phases run in this order and are checked:
 
 1. register - during the key's first call (always synchronous) every exchange is recorded in
    call order with its per-rank shapes, and its gathered tensors are kept;
-2. allocate - after that call, the exchanges are packed into buckets of about `bucket_bytes`,
-   all in one flat buffer per dtype, rank-major inside each bucket, and filled;
+2. allocate - during that same call, as soon as the kept exchanges of one dtype reach about
+   `bucket_bytes` they move into a bucket of their own (rank-major, allocated at its final
+   size) and the kept copies are freed, so the first call never holds its stale state twice;
 3. enqueue  - in an asynchronous call each layer publishes its fresh tensor into its own row;
    once every exchange of a bucket is in, one asynchronous all-gather sends the whole bucket,
    overlapping the rest of the forward;
 4. drain    - in the next call a layer waits for its bucket's gather before it reads.
 
 The same code runs on gloo (CPU) and NCCL (CUDA): NCCL orders the collective after the copies
-on the current stream, and `wait()` orders later reads after it.
+on the current stream, and `wait()` orders later reads after it. Time spent waiting is measured
+with CUDA events on a GPU (an NCCL `wait()` returns at once on the host; the stream is what
+waits) and with the host clock on a CPU.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from __future__ import annotations
 import enum
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -30,11 +34,45 @@ import torch.distributed as dist
 from ..layout import BandPlan
 
 
+class _Done:
+    """A finished collective (what `all_gather_rows` returns after a staged, blocking gather)."""
+
+    def wait(self) -> bool:
+        return True
+
+
 def all_gather_rows(rows: torch.Tensor, rank: int, group, async_op: bool = False):
     """In-place all-gather of a [world, n] tensor whose row `rank` holds this rank's data."""
-    flat = rows.view(-1)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return gather(flat, rows[rank], group=group, async_op=async_op)
+    if rows.is_cuda and dist.get_backend(group) == "gloo":
+        # Several ranks on one GPU (a test-only layout; NCCL refuses it): gloo's CUDA support is
+        # partial, so the gather goes through host memory, blocking.
+        host = rows.cpu()
+        gather(host.view(-1), host[rank], group=group)
+        rows.copy_(host)
+        return _Done() if async_op else None
+    return gather(rows.view(-1), rows[rank], group=group, async_op=async_op)
+
+
+class Clock:
+    """Elapsed time of a span of work on `device`: CUDA events on a GPU (what the stream did,
+    not when the host queued it), the host clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        """Seconds since the clock started (waits for the device to get there)."""
+        if not self.cuda:
+            return time.perf_counter() - self.t0
+        self.end.record()
+        self.end.synchronize()
+        return self.start.elapsed_time(self.end) / 1000.0
 
 
 @dataclass
@@ -45,10 +83,36 @@ class CommStats:
     collectives: int = 0
     calls: int = 0
     wait_s: float = 0.0  # time blocked on communication (sync gathers and pending async ones)
+    _spans: list = field(default_factory=list)  # CUDA event pairs not yet added to wait_s
 
     def add(self, slot_bytes: int, peers: int) -> None:
         self.bytes_sent += slot_bytes * peers
         self.collectives += 1
+
+    def clock(self, device: torch.device) -> Clock:
+        return Clock(device)
+
+    @contextmanager
+    def waiting(self, device: torch.device) -> Iterator[None]:
+        """Count the time the work inside spends waiting for a collective. On a GPU it records two
+        events on the current stream (no host sync); `settle()` adds them up later."""
+        if device.type != "cuda":
+            t0 = time.perf_counter()
+            yield
+            self.wait_s += time.perf_counter() - t0
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self._spans.append((start, end))
+
+    def settle(self) -> None:
+        """Add the recorded GPU waits to `wait_s` (after the call's work is done)."""
+        if self._spans:
+            self._spans[-1][1].synchronize()
+            self.wait_s += sum(s.elapsed_time(e) for s, e in self._spans) / 1000.0
+            self._spans.clear()
 
     def snapshot(self) -> dict:
         return {"bytes_sent": self.bytes_sent, "collectives": self.collectives, "calls": self.calls,
@@ -82,7 +146,7 @@ class _Entry:
 @dataclass
 class _Bucket:
     entries: list[_Entry]
-    rows: torch.Tensor  # [world, sum of slots], a view into the flat buffer
+    rows: torch.Tensor  # [world, sum of slots], rank-major
     published: int = 0
     pending: object = None
     launched: bool = False
@@ -100,8 +164,11 @@ class StaleBuffers:
     phase: Phase = Phase.REGISTER
     entries: dict[str, _Entry] = field(default_factory=dict)
     buckets: list[_Bucket] = field(default_factory=list)
-    flat: list[torch.Tensor] = field(default_factory=list)
+    flat: list[torch.Tensor] = field(default_factory=list)  # one storage per bucket
+    peak_bytes: int = 0  # most memory held at once for stale state (kept copies + buckets)
     _seen: dict[str, int] = field(default_factory=dict)
+    _open: dict[torch.dtype, list[_Entry]] = field(default_factory=dict)  # kept, not yet in a bucket
+    _kept_bytes: int = 0
 
     # -- per call -------------------------------------------------------------------------
     def begin_call(self) -> None:
@@ -113,14 +180,14 @@ class StaleBuffers:
             b.launched = False
 
     def end_call(self) -> None:
-        """Launch buckets left partly published (a layer skipped this call), then allocate
-        after the register call."""
+        """Launch buckets left partly published (a layer skipped this call); after the register
+        call, put what is still kept into buckets."""
         for b in self.buckets:
             if b.published and not b.launched:
                 self._launch(b)
-        if self.phase is Phase.REGISTER and self.keep_stale and self.entries:
-            self._allocate()
-        elif self.phase is Phase.REGISTER:
+        if self.phase is Phase.REGISTER:
+            for dtype in list(self._open):
+                self._close(dtype)
             self.phase = Phase.READY
 
     def _unique(self, name: str) -> str:
@@ -160,16 +227,15 @@ class StaleBuffers:
         self.stats.add(entry.slot * rows.element_size(), self.world - 1)
 
         def finish() -> list[torch.Tensor]:
-            t0 = time.perf_counter()
-            work.wait()
-            self.stats.wait_s += time.perf_counter() - t0
+            with self.stats.waiting(rows.device):
+                work.wait()
             views = [rows[j, :math.prod(entry.shapes[j])].view(entry.shapes[j]) for j in range(self.world)]
             if keep:
                 if entry.bucket is not None:
                     self._wait(entry.bucket)
                     entry.bucket.rows[:, entry.offset:entry.offset + entry.slot].copy_(rows)
                 elif self.phase is Phase.REGISTER and name in self.entries:
-                    entry.kept = rows
+                    self._keep(entry, rows)
             return views
 
         return finish
@@ -198,33 +264,34 @@ class StaleBuffers:
             self._launch(bucket)
 
     # -- buckets ----------------------------------------------------------------------------
-    def _allocate(self) -> None:
-        by_dtype: dict[torch.dtype, list[_Entry]] = {}
-        for e in self.entries.values():
-            by_dtype.setdefault(e.dtype, []).append(e)
-        for dtype, entries in by_dtype.items():
-            device = entries[0].kept.device
-            total = sum(e.slot for e in entries) * self.world
-            flat = torch.empty(total, dtype=dtype, device=device)
-            self.flat.append(flat)
-            itemsize = flat.element_size()
-            start, group = 0, []
-            for i, e in enumerate(entries):
-                group.append(e)
-                size = sum(x.slot for x in group)
-                if size * itemsize >= self.bucket_bytes or i == len(entries) - 1:
-                    rows = flat[start:start + size * self.world].view(self.world, size)
-                    bucket = _Bucket(group, rows)
-                    off = 0
-                    for x in group:
-                        x.bucket, x.offset = bucket, off
-                        rows[:, off:off + x.slot].copy_(x.kept)
-                        x.kept = None
-                        off += x.slot
-                    self.buckets.append(bucket)
-                    start += size * self.world
-                    group = []
-        self.phase = Phase.READY
+    def _keep(self, entry: _Entry, rows: torch.Tensor) -> None:
+        """Hold a register-call exchange until its bucket is full enough to allocate."""
+        entry.kept = rows
+        self._kept_bytes += rows.numel() * rows.element_size()
+        self.peak_bytes = max(self.peak_bytes, self.nbytes + self._kept_bytes)
+        group = self._open.setdefault(entry.dtype, [])
+        group.append(entry)
+        if sum(e.slot for e in group) * rows.element_size() >= self.bucket_bytes:
+            self._close(entry.dtype)
+
+    def _close(self, dtype: torch.dtype) -> None:
+        """Allocate the bucket of the kept exchanges of `dtype` at its final size, move them in,
+        and free the kept copies."""
+        group = self._open.pop(dtype)
+        width = sum(e.slot for e in group)
+        storage = torch.empty(self.world * width, dtype=dtype, device=group[0].kept.device)
+        rows = storage.view(self.world, width)
+        bucket = _Bucket(group, rows)
+        self.flat.append(storage)
+        self.peak_bytes = max(self.peak_bytes, self.nbytes + self._kept_bytes)
+        off = 0
+        for e in group:
+            e.bucket, e.offset = bucket, off
+            rows[:, off:off + e.slot].copy_(e.kept)
+            self._kept_bytes -= e.kept.numel() * e.kept.element_size()
+            e.kept = None
+            off += e.slot
+        self.buckets.append(bucket)
 
     def _launch(self, bucket: _Bucket) -> None:
         bucket.pending = all_gather_rows(bucket.rows, self.rank, self.group, async_op=True)
@@ -233,9 +300,8 @@ class StaleBuffers:
 
     def _wait(self, bucket: _Bucket) -> None:
         if bucket.pending is not None:
-            t0 = time.perf_counter()
-            bucket.pending.wait()
-            self.stats.wait_s += time.perf_counter() - t0
+            with self.stats.waiting(bucket.rows.device):
+                bucket.pending.wait()
             bucket.pending = None
 
     def drain(self) -> None:
@@ -248,6 +314,8 @@ class StaleBuffers:
         self.entries.clear()
         self.buckets.clear()
         self.flat.clear()
+        self._open.clear()
+        self._kept_bytes = 0
         self.phase = Phase.CLOSED
 
     @property

@@ -4,9 +4,8 @@ process group, with stale state kept per (conditioning key, input shape, layout)
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -26,6 +25,31 @@ log = logging.getLogger("distri_core")
 class _KeyState:
     buffers: StaleBuffers
     calls: int = 0
+
+
+@dataclass
+class BandCall:
+    """This rank's share of one call before it runs: the layout, and the inputs cut to its batch
+    chunk and row band."""
+
+    key: Hashable  # the stale-state key
+    layout: CallLayout
+    group: int
+    band: int
+    chunk: tuple[int, int]
+    rows: tuple[int, int]
+    height: int
+    dtype: torch.dtype
+    sync: bool | None
+    x: torch.Tensor
+    timesteps: object
+    context: object
+    kwargs: dict
+
+    def to(self, device: torch.device, move) -> tuple[BandCall, int]:
+        """The same call with its tensors moved by `move(value, device) -> (value, bytes)`."""
+        (x, timesteps, context, kwargs), moved = move((self.x, self.timesteps, self.context, self.kwargs), device)
+        return replace(self, x=x, timesteps=timesteps, context=context, kwargs=kwargs), moved
 
 
 @dataclass
@@ -69,7 +93,8 @@ class DistriUNet:
         return self.installed.unit
 
     def layout(self, batch: int, height: int) -> CallLayout:
-        return make_layout(self.groups.size, batch, height, self.unit, self.config.split_cfg_possible)
+        return make_layout(self.groups.size, batch, height, self.unit, self.config.split_cfg_possible,
+                           self.config.light_ranks)
 
     # -- calls ----------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, timesteps, context=None, *, key: Hashable = None,
@@ -82,6 +107,12 @@ class DistriUNet:
         """Compute this rank's band only. `key` names the conditioning (stale state is kept per
         key and input shape); `sync` forces (True) or skips (False) exact context for this call,
         default: the first call of a key plus `warmup_steps` more are exact."""
+        return self.forward_prepared(self.prepare(x, timesteps, context, key=key, sync=sync, **kwargs))
+
+    def prepare(self, x: torch.Tensor, timesteps, context=None, *, key: Hashable = None, sync: bool | None = None,
+                **kwargs) -> BandCall:
+        """This rank's share of a call, cut from the full inputs wherever they are (the pool's
+        workers cut in host memory, so only the band moves to the GPU)."""
         if x.dim() != 4:
             raise ValueError(f"expected a latent [B, C, H, W], got shape {tuple(x.shape)}")
         self.adapter.check(kwargs)
@@ -89,36 +120,42 @@ class DistriUNet:
         layout = self.layout(batch, height)
         g, band = layout.locate(self.groups.rank)
         chunk, rows = layout.chunks[g], layout.bands.rows(band)
-        state = self._state(key, x, layout, g, band)
+        return BandCall(
+            key=self._key(key, x, layout), layout=layout, group=g, band=band, chunk=chunk, rows=rows,
+            height=height, dtype=x.dtype, sync=sync,
+            x=x[chunk[0]:chunk[1], :, rows[0]:rows[1]],
+            timesteps=chunk_batch(timesteps, chunk[0], chunk[1], batch),
+            context=chunk_batch(context, chunk[0], chunk[1], batch),
+            kwargs=self.adapter.cut(kwargs, chunk, batch, rows, height))
+
+    def forward_prepared(self, call: BandCall) -> BandResult:
+        """Run the band of a prepared call."""
+        state = self._state(call)
         mode = self.config.mode
         if not mode.communicates:
             is_sync = False
         elif state.calls == 0 or mode is Mode.FULL_SYNC:
             is_sync = True  # no stale state yet, or the exact mode
         else:
-            is_sync = sync if sync is not None else self.config.is_sync_call(state.calls)
-        comm_dtype = None if self.config.comm_dtype is CommDtype.AUTO else self.config.comm_dtype.resolve(x.dtype)
+            is_sync = call.sync if call.sync is not None else self.config.is_sync_call(state.calls)
+        comm_dtype = None if self.config.comm_dtype is CommDtype.AUTO else self.config.comm_dtype.resolve(call.dtype)
 
-        xb = x[chunk[0]:chunk[1], :, rows[0]:rows[1]]
-        tb = chunk_batch(timesteps, chunk[0], chunk[1], batch)
-        cb = chunk_batch(context, chunk[0], chunk[1], batch)
-        kw = self.adapter.cut(kwargs, chunk, batch, rows, height)
-
-        self.host.call = CallContext(mode, is_sync, band, layout.bands, state.buffers, comm_dtype)
+        self.host.call = CallContext(mode, is_sync, call.band, call.layout.bands, state.buffers, comm_dtype)
         state.buffers.begin_call()
         try:
-            out = self.adapter(self.model, xb, tb, cb, **kw)
+            out = self.adapter(self.model, call.x, call.timesteps, call.context, **call.kwargs)
             state.buffers.end_call()
         except BaseException:
             # A failed call leaves this key's exchanges half done: forget the key (its buffers may
             # still be targets of gathers in flight, so they are dropped, not reused).
-            self._keys.pop(self._key(key, x, layout), None)
+            self._keys.pop(call.key, None)
             raise
         finally:
             self.host.call = None
         state.calls += 1
         self.stats.calls += 1
-        return BandResult(out, layout, chunk, rows, (batch, out.shape[1], height, out.shape[3]))
+        full_batch = call.layout.chunks[-1][1]
+        return BandResult(out, call.layout, call.chunk, call.rows, (full_batch, out.shape[1], call.height, out.shape[3]))
 
     def assemble(self, part: BandResult) -> torch.Tensor:
         """All-gather every rank's band into the full output."""
@@ -135,9 +172,8 @@ class DistriUNet:
         out = part.output
         rows = out.new_empty(self.groups.size, slot)
         rows[self.groups.rank, :out.numel()].copy_(out.reshape(-1))
-        t0 = time.perf_counter()
-        all_gather_rows(rows, self.groups.rank, self.groups.group)
-        self.stats.wait_s += time.perf_counter() - t0
+        with self.stats.waiting(rows.device):
+            all_gather_rows(rows, self.groups.rank, self.groups.group)
         self.stats.add(slot * rows.element_size(), self.groups.size - 1)
         full = out.new_empty(shape)
         for r, (c0, c1, r0, r1, s) in enumerate(placement):
@@ -149,17 +185,16 @@ class DistriUNet:
     def _key(key: Hashable, x: torch.Tensor, layout: CallLayout) -> Hashable:
         return (key, tuple(x.shape), x.dtype, str(x.device), len(layout.groups))
 
-    def _state(self, key: Hashable, x: torch.Tensor, layout: CallLayout, g: int, band: int) -> _KeyState:
-        k = self._key(key, x, layout)
-        state = self._keys.get(k)
+    def _state(self, call: BandCall) -> _KeyState:
+        state = self._keys.get(call.key)
         if state is None:
-            if len(layout.groups) == 1:
+            if len(call.layout.groups) == 1:
                 group = self.groups.group
             else:
-                group = self.groups.halves[g]
-            buffers = StaleBuffers(group, band, layout.bands.parts, layout.bands, self.config.mode.uses_stale,
-                                   self.stats, self.bucket_bytes)
-            state = self._keys[k] = _KeyState(buffers)
+                group = self.groups.halves[call.group]
+            buffers = StaleBuffers(group, call.band, call.layout.bands.parts, call.layout.bands,
+                                   self.config.mode.uses_stale, self.stats, self.bucket_bytes)
+            state = self._keys[call.key] = _KeyState(buffers)
         return state
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 
@@ -18,6 +19,23 @@ class ParallelGroups:
     rank: int
     size: int
     halves: tuple[object, object] | None
+
+    @property
+    def my_half(self) -> object:
+        """The CFG-split half this rank belongs to (None when there are none or it has one rank)."""
+        if self.halves is None:
+            return None
+        return self.halves[self.rank // (self.size // 2)]
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """What a task function receives first: its rank and size, its groups and device."""
+
+    rank: int
+    world: int
+    groups: ParallelGroups  # the task's ranks (0..world-1) and their CFG-split halves
+    device: str
 
 
 def single() -> ParallelGroups:
@@ -49,3 +67,22 @@ def build_groups(ranks: Sequence[int] | None = None, split_halves: bool = True) 
     if me not in ranks:
         return None
     return ParallelGroups(group, ranks.index(me), size, halves)
+
+
+def touch_groups(groups: ParallelGroups, device: torch.device) -> None:
+    """One collective on the engine's group and on this rank's CFG half, checked.
+
+    NCCL creates a communicator at its first collective, and needs the rendezvous store then;
+    doing it here, before the worker says it is ready, turns a broken rendezvous or an NCCL
+    set-up failure (P2P, shared memory, topology) into a start-up error instead of a hang in the
+    middle of the first image."""
+    checks = [(groups.group, groups.size)]
+    if groups.my_half is not None:
+        checks.append((groups.my_half, groups.size // 2))
+    for group, size in checks:
+        if size < 2:
+            continue
+        probe = torch.ones(1, device=device)
+        dist.all_reduce(probe, group=group)
+        if int(probe.item()) != size:
+            raise RuntimeError(f"process group check failed: all_reduce over {size} ranks gave {probe.item()}")

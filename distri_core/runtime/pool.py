@@ -9,11 +9,10 @@ shared memory, every rank computes its band and writes it straight into the shar
     eps = pool(x, timesteps, context, key=("cond",))  # as DistriUNet.__call__
     pool.end_run()                                    # between sampling runs (or after a cancel)
 
-Workers are started with `python -m distri_core.runtime.worker` (the host's `__main__` never
-runs again), join over a FileStore (no listening socket) and gloo/NCCL bound to loopback, and
-exit with the host. Every wait has a timeout; a worker error reaches the caller as
-`WorkerError` naming rank, device and message; a dead worker is noticed within a second and
-the next use starts a fresh pool.
+Starting, messaging and stopping the processes is `procs.Workers`' job, moving the weights
+`shipping`'s. Every wait has a timeout and looks at `interrupt_check` (ComfyUI's cancel) ten
+times a second; a worker error reaches the caller as `WorkerError` naming rank, device and
+message; a dead worker is noticed within a second and the next run starts a fresh pool.
 """
 
 from __future__ import annotations
@@ -22,89 +21,25 @@ import atexit
 import logging
 import os
 import pickle
-import select
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Hashable
 
 import torch
 
 from ..config import PatchParallelConfig
 from . import wire
-from .shm import SharedArena, remove_orphans
+from .devices import available_devices
+from .errors import Cancelled, PoolError, ResourceError, WorkerError
+from .procs import Interrupted, Workers
+from .shipping import CHUNK_BYTES, LazyWeights, ModelSpec, ship_chunked, ship_shared
+from .shm import SharedArena
+
+__all__ = ["WorkerPool", "ModelSpec", "LazyWeights", "PoolError", "WorkerError", "Cancelled", "ResourceError",
+           "available_devices", "shared_pool", "current_pool"]
 
 log = logging.getLogger("distri_core.pool")
-
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """How a worker builds the model the weights are loaded into.
-
-    factory:  'package.module:callable' (or '/path/file.py:callable') returning the UNet module;
-              called under torch.device('meta') with `kwargs`, then given the shipped weights.
-    kwargs:   plain data for the factory (classes and dtypes pickle by reference).
-    dtype:    the dtype the workers compute in.
-    setup:    optional 'module:callable' run (with `setup_kwargs`) in the worker before the
-              factory is resolved, e.g. to make the host application importable there.
-    sys_path: import paths the worker needs (e.g. the ComfyUI checkout).
-    """
-
-    factory: str
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-    dtype: torch.dtype = torch.float32
-    setup: str | None = None
-    setup_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    sys_path: tuple[str, ...] = ()
-
-
-@dataclass
-class LazyWeights:
-    """Weights announced by (name, shape, dtype) and produced one at a time by `get(name)`."""
-
-    entries: list[tuple[str, tuple[int, ...], torch.dtype]]
-    get: Callable[[str], torch.Tensor]
-
-    @classmethod
-    def of(cls, state: Mapping[str, torch.Tensor]) -> LazyWeights:
-        return cls([(k, tuple(v.shape), v.dtype) for k, v in state.items()], state.__getitem__)
-
-
-class PoolError(RuntimeError):
-    """The pool cannot do what was asked (bad request, not started, broken)."""
-
-
-class WorkerError(PoolError):
-    """A worker failed: carries rank, device, pid, the worker's message and traceback."""
-
-    def __init__(self, rank: int, device: str, pid: int | None, message: str, remote_traceback: str = "",
-                 kind: str = ""):
-        super().__init__(f"worker rank {rank} on {device} (pid {pid}): {message}")
-        self.rank, self.device, self.pid, self.kind = rank, device, pid, kind
-        self.message = message
-        self.remote_traceback = remote_traceback
-
-
-@dataclass
-class _Proc:
-    rank: int
-    device: str
-    popen: subprocess.Popen
-    fd_to: int
-    fd_from: int
-    pid: int
-    memory: dict = field(default_factory=dict)
-    calls: int = 0
-    last_error: str = ""
-
 
 _LIVE: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
 
@@ -117,18 +52,19 @@ def _close_all() -> None:
 atexit.register(_close_all)
 
 
-def available_devices() -> list[str]:
-    if torch.cuda.is_available():
-        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    return []
-
-
 class WorkerPool:
-    """Worker processes on `devices` (one rank each). Thread-safe; one request at a time."""
+    """Worker processes on `devices` (one rank each). Thread-safe; one request at a time.
+
+    weights:  'auto' (CPU ranks share one copy, GPU ranks stream in chunks), 'shared' or 'chunked'.
+    share_devices: allow several ranks on one GPU. Only for tests on a one-GPU machine with the
+              gloo backend (NCCL refuses it, and real runs gain nothing from it).
+    """
 
     def __init__(self, devices: list[str], *, backend: str | None = None, threads: int | None = None,
                  sys_path: tuple[str, ...] = (), start_timeout: float = 180.0, call_timeout: float = 1800.0,
-                 error_grace: float = 10.0):
+                 error_grace: float = 10.0, cancel_grace: float = 1.5, weights: str = "auto",
+                 chunk_bytes: int = CHUNK_BYTES, share_devices: bool = False,
+                 interrupt_check: Interrupted | None = None):
         if not devices:
             raise PoolError("a pool needs at least one device; pass e.g. ['cuda:0', 'cuda:1'] or ['cpu', 'cpu']")
         self.devices = [str(torch.device(d)) for d in devices]
@@ -145,11 +81,23 @@ class WorkerPool:
         elif self.device_type != "cpu":
             raise PoolError(f"device type {self.device_type!r} is not supported; use cuda or cpu")
         self.backend = backend or ("nccl" if self.device_type == "cuda" else "gloo")
+        dup = sorted({d for d in self.devices if self.devices.count(d) > 1}) if self.device_type == "cuda" else []
+        if dup and not (share_devices and self.backend == "gloo"):
+            raise PoolError(f"device {dup[0]} is listed more than once; each rank needs a GPU of its own (NCCL "
+                            "cannot run two ranks on one GPU); list distinct devices")
+        if weights not in ("auto", "shared", "chunked"):
+            raise PoolError(f"weights={weights!r} is not valid; use 'auto', 'shared' or 'chunked'")
+        if weights == "shared" and self.device_type != "cpu":
+            raise PoolError("weights='shared' works only for CPU ranks (GPU ranks copy their weights); use 'auto'")
+        self.weights = ("shared" if self.device_type == "cpu" else "chunked") if weights == "auto" else weights
+        self.chunk_bytes = chunk_bytes
         self.threads = threads if threads is not None else (max(1, (os.cpu_count() or 1) // len(self.devices))
                                                             if self.device_type == "cpu" else 0)
         self.sys_path = tuple(sys_path)
-        self.start_timeout, self.call_timeout, self.error_grace = start_timeout, call_timeout, error_grace
-        self._procs: list[_Proc] = []
+        self.start_timeout, self.call_timeout = start_timeout, call_timeout
+        self.interrupt_check = interrupt_check
+        self._workers = Workers(self.devices, backend=self.backend, threads=self.threads, sys_path=self.sys_path,
+                                error_grace=error_grace, cancel_grace=cancel_grace)
         self._lock = threading.RLock()
         self.state = "stopped"
         self.model_key: Hashable | None = None
@@ -171,91 +119,30 @@ class WorkerPool:
         with self._lock:
             if self.state == "ready":
                 return
-            self._kill()
-            remove_orphans()
-            store_dir = tempfile.mkdtemp(prefix="distri-store-")
-            store = os.path.join(store_dir, "store")
-            env = self._child_env()
-            try:
-                for rank, device in enumerate(self.devices):
-                    self._procs.append(self._spawn(rank, device, store, env))
-                self._collect("ready", self.start_timeout)
-            except BaseException:
-                self._kill()
-                raise
-            finally:
-                for name in os.listdir(store_dir):
-                    os.unlink(os.path.join(store_dir, name))
-                os.rmdir(store_dir)
-            self.state = "ready"
+            self._drop_arena()
             self.model_key, self.model_info = None, {}
+            try:
+                self._workers.start(self.start_timeout, self.interrupt_check)
+            except BaseException:
+                self.state = "broken" if self._workers.dead_reason else "stopped"
+                raise
+            self.state = "ready"
             if self.config is not None:
                 self._request({"op": "configure", "config": self.config}, self.start_timeout)
-            log.info("pool ready: %s", ", ".join(f"rank {p.rank} {p.device} pid {p.pid}" for p in self._procs))
-
-    def _child_env(self) -> dict:
-        env = dict(os.environ)
-        paths = [_PACKAGE_ROOT, *self.sys_path, *[p for p in sys.path if p]]
-        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-        # Rendezvous and transport stay on this machine's loopback unless the user set otherwise.
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        env.setdefault("NCCL_SOCKET_IFNAME", "lo")
-        env.setdefault("OMP_NUM_THREADS", str(self.threads or 1))
-        return env
-
-    def _spawn(self, rank: int, device: str, store: str, env: dict) -> _Proc:
-        to_r, to_w = os.pipe()
-        from_r, from_w = os.pipe()
-        child_env = dict(env)
-        dev = device
-        if device.startswith("cuda"):
-            child_env["CUDA_VISIBLE_DEVICES"] = str(torch.device(device).index or 0)
-            dev = "cuda:0"
-        cmd = [sys.executable, "-m", "distri_core.runtime.worker", "--rank", str(rank), "--world", str(self.world),
-               "--device", dev, "--backend", self.backend, "--store", store, "--fd-in", str(to_r),
-               "--fd-out", str(from_w), "--threads", str(self.threads), "--parent", str(os.getpid())]
-        popen = subprocess.Popen(cmd, pass_fds=(to_r, from_w), env=child_env, stdin=subprocess.DEVNULL,
-                                 cwd=_PACKAGE_ROOT, start_new_session=True)
-        os.close(to_r)
-        os.close(from_w)
-        return _Proc(rank, device, popen, to_w, from_r, popen.pid)
+            log.info("pool ready: %s", ", ".join(f"rank {p.rank} {p.device} pid {p.pid}" for p in self._workers.procs))
 
     def close(self) -> None:
         """Stop the workers (politely, then by force) and free shared memory."""
         with self._lock:
-            for p in self._procs:
-                try:
-                    wire.send(p.fd_to, {"op": "exit"})
-                except OSError:
-                    pass
-            deadline = time.monotonic() + 5.0
-            for p in self._procs:
-                try:
-                    p.popen.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
-            self._kill()
+            self._workers.close()
+            self._drop_arena()
+            self.model_key, self.model_info = None, {}
             self.state = "stopped"
 
-    def _kill(self) -> None:
-        for p in self._procs:
-            if p.popen.poll() is None:
-                p.popen.kill()
-        for p in self._procs:
-            try:
-                p.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                log.error("worker rank %d (pid %d) did not exit after SIGKILL", p.rank, p.pid)
-            for fd in (p.fd_to, p.fd_from):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self._procs = []
+    def _drop_arena(self) -> None:
         if self._arena is not None:
             self._arena.unlink()
             self._arena = None
-        self.model_key, self.model_info = None, {}
 
     def _ensure(self) -> None:
         if self.state != "ready":
@@ -263,81 +150,22 @@ class WorkerPool:
                 log.warning("restarting the worker pool after: %s", self.last_error)
             self.start()
 
-    # -- messaging --------------------------------------------------------------------------------
+    def _guard(self, fn):
+        """Run one exchange with the workers; a failure that stopped them marks the pool broken."""
+        try:
+            return fn()
+        except BaseException as e:
+            if not self._workers.procs:  # the workers were stopped (death, timeout, cancel)
+                self.state = "broken"
+                self.model_key, self.model_info = None, {}
+                self._drop_arena()
+                self.last_error = self._workers.dead_reason or str(e)
+            elif isinstance(e, PoolError):
+                self.last_error = str(e)
+            raise
+
     def _request(self, msg: dict, timeout: float) -> list[dict]:
-        for p in self._procs:
-            try:
-                wire.send(p.fd_to, msg)
-            except OSError:
-                self._fail_dead(p)
-        return self._collect(msg["op"], timeout)
-
-    def _collect(self, op: str, timeout: float) -> list[dict]:
-        replies: dict[int, dict] = {}
-        errors: list[WorkerError] = []
-        pending = {p.fd_from: p for p in self._procs}
-        deadline = time.monotonic() + timeout
-        while pending:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            ready, _, _ = select.select(list(pending), [], [], min(left, 0.25))
-            for fd in ready:
-                p = pending.pop(fd)
-                try:
-                    reply = wire.recv(fd)
-                except (EOFError, OSError):
-                    self._fail_dead(p)
-                p.memory = reply.get("memory", p.memory)
-                if reply.get("ok"):
-                    replies[p.rank] = reply
-                else:
-                    p.last_error = reply.get("error", "unknown error")
-                    errors.append(WorkerError(p.rank, p.device, p.pid, p.last_error, reply.get("traceback", ""),
-                                              reply.get("kind", "")))
-                    # peers may be waiting for it inside a collective: give them a short grace
-                    deadline = min(deadline, time.monotonic() + self.error_grace)
-            for p in pending.values():
-                if p.popen.poll() is not None:
-                    self._fail_dead(p)
-        if pending or errors:
-            err = sorted(errors, key=lambda e: e.rank)[0] if errors else None
-            if pending:  # ranks that never answered cannot be trusted: the pool is rebuilt
-                missing = sorted(p.rank for p in pending.values())
-                self._break(str(err) if err else f"ranks {missing} did not answer {op!r} within {timeout:.0f} s")
-                if err is None:
-                    raise PoolError(f"worker ranks {missing} did not answer {op!r} within {timeout:.0f} s; "
-                                    "the pool was stopped and restarts on next use (raise call_timeout for very "
-                                    "large images on slow devices)")
-            self.last_error = str(err)
-            raise err
-        return [replies[r] for r in sorted(replies)]
-
-    def _fail_dead(self, p: _Proc) -> None:
-        code = p.popen.poll()
-        if code is None:
-            try:
-                code = p.popen.wait(2)
-            except subprocess.TimeoutExpired:
-                code = None
-        if code is not None and code < 0:
-            try:
-                how = f"killed by {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"killed by signal {-code}"
-            if code == -signal.SIGKILL:
-                how += " (often the system running out of memory)"
-        else:
-            how = f"exited with code {code}"
-        message = f"worker rank {p.rank} on {p.device} (pid {p.pid}) died: {how}"
-        self._break(message)
-        raise WorkerError(p.rank, p.device, p.pid, f"died: {how}", kind="WorkerDied")
-
-    def _break(self, reason: str) -> None:
-        self.last_error = reason
-        log.error("worker pool stopped: %s", reason)
-        self._kill()
-        self.state = "broken"
+        return self._guard(lambda: self._workers.request(msg, timeout, self.interrupt_check))
 
     # -- requests -------------------------------------------------------------------------------
     def configure(self, config: PatchParallelConfig) -> None:
@@ -353,10 +181,10 @@ class WorkerPool:
                 self._request({"op": "configure", "config": config}, self.start_timeout)
 
     def load_model(self, key: Hashable, spec: ModelSpec, weights, label: str | None = None) -> dict:
-        """Make `key` the loaded model. Ships `weights` through shared memory unless `key` is
-        already loaded. `weights` is a mapping name -> tensor, a function returning one (called
-        only when needed), or a `LazyWeights` (tensors produced one at a time, so the host never
-        holds a second full copy). `label` names the model in status reports."""
+        """Make `key` the loaded model. Ships `weights` unless `key` is already loaded. `weights` is
+        a mapping name -> tensor, a function returning one (called only when needed), or a
+        `LazyWeights` (tensors produced one at a time, so the host never holds a second full
+        copy). `label` names the model in status reports."""
         with self._lock:
             self._ensure()
             if key == self.model_key:
@@ -366,24 +194,13 @@ class WorkerPool:
             if not isinstance(weights, LazyWeights):
                 weights = LazyWeights.of(weights)
             self.model_key, self.model_info = None, {}  # workers drop the old model first
-            names = [name for name, _, _ in weights.entries]
-            refs, size = wire.plan_shapes([(shape, dtype) for _, shape, dtype in weights.entries])
-            arena = SharedArena.create(size)
-            try:
-                for name, ref in zip(names, refs, strict=True):
-                    tensor = weights.get(name)
-                    if tuple(tensor.shape) != ref.shape or tensor.dtype != ref.dtype:
-                        raise PoolError(f"weight {name}: got {tuple(tensor.shape)} {tensor.dtype}, announced "
-                                        f"{ref.shape} {ref.dtype}")
-                    arena.view(ref.offset, ref.shape, ref.dtype).copy_(tensor.detach())
-                    del tensor
-                # The spec's kwargs may name classes of the host application: the worker unpickles
-                # them only after `setup` has made that application importable.
-                msg = {"op": "load", "key": key, "setup": (spec.setup, dict(spec.setup_kwargs), spec.sys_path),
-                       "spec": pickle.dumps(spec), "arena": arena.path, "size": size, "names": names, "refs": refs}
-                replies = self._request(msg, self.start_timeout + size / 2 ** 28)
-            finally:
-                arena.unlink()
+            msg = {"key": key, "setup": (spec.setup, dict(spec.setup_kwargs), spec.sys_path), "spec": pickle.dumps(spec)}
+            timeout = self.start_timeout + weights.nbytes / 2 ** 28
+            if self.weights == "shared":
+                replies = self._guard(lambda: ship_shared(self._workers, msg, weights, timeout, self.interrupt_check))
+            else:
+                replies = self._guard(lambda: ship_chunked(self._workers, msg, weights, timeout, self.interrupt_check,
+                                                           self.chunk_bytes))
             self.model_key = key
             self.model_info = {k: replies[0].get(k) for k in ("out_channels", "param_mb")}
             self.model_info["label"] = label or str(key)
@@ -413,9 +230,8 @@ class WorkerPool:
             size = wire.aligned(end + out_ref.nbytes)
             fresh_arena = self._arena is None or self._arena.size < size
             if fresh_arena:
-                if self._arena is not None:
-                    self._arena.unlink()
-                self._arena = SharedArena.create(max(size, int(size * 1.25)))
+                self._drop_arena()
+                self._arena = SharedArena.create(max(size, int(size * 1.25)), "one UNet call's inputs and output")
             wire.write(self._arena, refs, tensors)
             msg = {"op": "call", "arena": self._arena.path, "size": self._arena.size, "refs": refs, "tree": tree,
                    "out": out_ref, "key": key, "sync": sync}
@@ -427,28 +243,47 @@ class WorkerPool:
             t2 = time.perf_counter()
             compute = max(r["seconds"] for r in replies)
             self.calls += 1
-            for p in self._procs:
+            for p in self._workers.procs:
                 p.calls += 1
+            device_s = [r.get("device_s") for r in replies]
             self.last_call = {"seconds": t2 - t0, "worker_seconds": compute, "overhead_s": (t2 - t0) - compute,
                               "send_s": t1 - t0, "bytes_sent": max(r["bytes_sent"] for r in replies),
                               "collectives": max(r["collectives"] for r in replies),
-                              "busy_s": sum(r["seconds"] - r["wait_s"] for r in replies),
+                              "input_bytes": [r.get("input_bytes", 0) for r in replies],
+                              "device_s": device_s,
+                              # Busy time: on a GPU from CUDA events (kernel time minus the time the
+                              # stream waited for a collective), else host time minus blocked time.
+                              "busy_s": sum(r["device_s"] - r["wait_s"] for r in replies),
                               "wait_s": max(r["wait_s"] for r in replies)}
             return out.to(x.device) if x.device.type != "cpu" else out
 
     def end_run(self) -> None:
-        """Forget stale state on every rank (between runs, or after a cancelled run)."""
+        """Forget stale state on every rank (between runs, or after a cancelled run). A rank on the
+        host's own GPU (`config.host_device`) also hands its cached memory back: the host's VAE
+        decode comes next."""
         with self._lock:
             if self.state == "ready":
-                self._request({"op": "reset"}, self.start_timeout)
+                light = self.config.light_ranks if self.config is not None else ()
+
+                def reset():
+                    for r in range(self.world):
+                        self._workers.send({"op": "reset", "release": r in light}, [r])
+                    return self._workers.collect("reset", self.start_timeout, self.interrupt_check)
+
+                self._guard(reset)
                 self.runs += 1
+
+    def release(self) -> None:
+        """Give back every worker's stale state and cached GPU memory (ComfyUI freeing memory)."""
+        with self._lock:
+            if self.state == "ready":
+                self._request({"op": "release"}, self.start_timeout)
 
     def status(self) -> dict:
         """A snapshot for the GUI and diagnostics; never blocks on the workers."""
         workers = []
-        for p in list(self._procs):
-            alive = p.popen.poll() is None
-            workers.append({"rank": p.rank, "device": p.device, "pid": p.pid, "alive": alive,
+        for p in list(self._workers.procs):
+            workers.append({"rank": p.rank, "device": p.device, "pid": p.pid, "alive": p.alive,
                             "memory": dict(p.memory), "calls": p.calls, "last_error": p.last_error})
         return {"state": self.state, "devices": list(self.devices), "backend": self.backend,
                 "model_key": None if self.model_key is None else str(self.model_key),

@@ -1,6 +1,7 @@
 """One rank of the worker pool: `python -m distri_core.runtime.worker ...`, started by
-`WorkerPool`. It joins the process group, then serves the host's requests read from a private
-pipe: load a model, (re)configure the engine, evaluate the UNet on its band, reset, report.
+`runtime.procs.Workers`. It joins the process group (communicators created and checked before
+it says it is ready), then serves the host's requests read from a private pipe: load a model,
+(re)configure the engine, evaluate the UNet on its band, reset, release memory, run a task.
 
 It exits when the host says so, when its pipe closes, or when the host process is gone.
 """
@@ -9,61 +10,57 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
-import importlib.util
 import logging
 import os
 import pickle
+import shutil
 import signal
 import sys
 import threading
 import time
 import traceback
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from . import wire
-from .launch import watch_parent
+from .groups import RankInfo, build_groups, touch_groups
+from .loader import build_on_meta, device_memory, finish_model, resolve, shared_model
+from .shipping import Receiver
 from .shm import SharedArena
 
 log = logging.getLogger("distri_core.worker")
 
 
-def resolve(target: str) -> Any:
-    """'package.module:attr' or '/path/to/file.py:attr'."""
-    module_name, _, attr = target.partition(":")
-    if module_name.endswith(".py"):
-        name = "distri_ext_" + os.path.splitext(os.path.basename(module_name))[0]
-        module = sys.modules.get(name)
-        if module is None:
-            spec = importlib.util.spec_from_file_location(name, module_name)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(module_name)
-    obj = module
-    for part in attr.split(".") if attr else []:
-        obj = getattr(obj, part)
-    return obj
+def watch_parent(parent: int, interval: float = 1.0, store: str | None = None) -> None:
+    """Exit this process as soon as `parent` is no longer its parent (the parent died and the
+    process was re-parented); run it in a daemon thread. With `store`, remove the rendezvous
+    store's directory first (rank 0 does: the dead host cannot)."""
+    while True:
+        time.sleep(interval)
+        if os.getppid() != parent:
+            if store:
+                shutil.rmtree(os.path.dirname(store), ignore_errors=True)
+            os._exit(3)
 
 
-def _memory(device: torch.device) -> dict:
-    import resource
+def to_device(value, device: torch.device):
+    """Tensors in nested dicts/lists/tuples moved to `device`; counts the bytes moved."""
+    moved = [0]
 
-    mem = {"rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)}
-    try:
-        with open(f"/proc/{os.getpid()}/statm") as f:
-            mem["rss_mb"] = round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20, 1)
-    except OSError:
-        pass
-    if device.type == "cuda":
-        mem["cuda_mb"] = round(torch.cuda.memory_allocated(device) / 2 ** 20, 1)
-        mem["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
-    return mem
+    def walk(v):
+        if isinstance(v, torch.Tensor):
+            if v.device != device:
+                moved[0] += v.numel() * v.element_size()
+            return v.to(device, non_blocking=True)
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(walk(x) for x in v)
+        return v
+
+    return walk(value), moved[0]
 
 
 class Worker:
@@ -73,29 +70,37 @@ class Worker:
         self.fd_in, self.fd_out = args.fd_in, args.fd_out
         self.model = None
         self.model_key = None
+        self.spec = None
         self.engine = None
         self.config = None
         self.arena: SharedArena | None = None
         self.groups = None
+        self.task_groups: dict[int, object] = {}
+        self.receiver: Receiver | None = None
+        self.pending_model = None
 
-    def serve(self, args: argparse.Namespace) -> None:
-        from .groups import build_groups
-
+    def serve(self, args: argparse.Namespace) -> bool:
+        """Serve requests until told to exit (returns False) or the host is gone (True)."""
+        options = {}
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            if args.backend == "nccl":
+                options["device_id"] = self.device  # communicators are created now, not at first use
         dist.init_process_group(args.backend, init_method=f"file://{args.store}", rank=self.rank,
-                                world_size=self.world, timeout=timedelta(seconds=args.comm_timeout))
+                                world_size=self.world, timeout=timedelta(seconds=args.comm_timeout), **options)
         self.groups = build_groups()
-        wire.send(self.fd_out, {"ok": True, "op": "ready", "pid": os.getpid(), "memory": _memory(self.device)})
+        touch_groups(self.groups, self.device)
+        self.task_groups[self.world] = self.groups
+        wire.send(self.fd_out, {"ok": True, "op": "ready", "pid": os.getpid(), "memory": device_memory(self.device)})
         while True:
             try:
                 msg = wire.recv(self.fd_in)
             except EOFError:
-                return  # the host is gone
+                return True  # the host is gone
             op = msg.get("op")
             if op == "exit":
                 wire.send(self.fd_out, {"ok": True, "op": "exit"})
-                return
+                return False
             t0 = time.perf_counter()
             try:
                 reply = getattr(self, "op_" + op)(msg)
@@ -104,7 +109,7 @@ class Worker:
                 reply = {"ok": False, "op": op, "error": f"{type(e).__name__}: {e}", "kind": type(e).__name__,
                          "traceback": traceback.format_exc()}
             reply["seconds"] = time.perf_counter() - t0
-            reply["memory"] = _memory(self.device)
+            reply["memory"] = device_memory(self.device)
             wire.send(self.fd_out, reply)
 
     # -- requests -----------------------------------------------------------------------------
@@ -112,43 +117,41 @@ class Worker:
         return {}
 
     def op_load(self, msg: dict) -> dict:
+        """The shared path: compute straight from the host's segment (CPU ranks)."""
         self._drop_model()
-        setup, setup_kwargs, paths = msg["setup"]
-        for p in paths:
-            if p not in sys.path:
-                sys.path.insert(0, p)
-        if setup:
-            resolve(setup)(**setup_kwargs)
-        spec = pickle.loads(msg["spec"])
+        spec = self._spec(msg)
         arena = SharedArena.attach(msg["arena"], msg["size"])
-        names, refs = msg["names"], msg["refs"]
-        state = dict(zip(names, wire.read(arena, refs), strict=True))
-        factory = resolve(spec.factory)
-        with torch.device("meta"):
-            model = factory(**spec.kwargs)
-        params = dict(model.named_parameters())
-        if self.device.type == "cpu" and all(t.dtype == params[n].dtype for n, t in state.items() if n in params):
-            # CPU ranks compute straight from the shared segment: one copy of the weights for all
-            # of them, and no copy at all to load.
-            missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-            left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-            if left:
-                raise ValueError(f"{spec.factory} has tensors the weights do not cover: {left[:5]}")
-        else:
-            model = model.to_empty(device=self.device)
-            missing, unexpected = model.load_state_dict(state, strict=False)
+        state = dict(zip(msg["names"], wire.read(arena, msg["refs"]), strict=True))
+        model = shared_model(spec, state, self.device)
         del state, arena
-        if missing or unexpected:
-            raise ValueError(f"weights do not fit {spec.factory}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        if any(p.dtype != spec.dtype for p in model.parameters()):
-            model = model.to(spec.dtype)
-        self.model = model.eval().requires_grad_(False)
-        self.model_key = msg["key"]
-        if self.config is not None:
-            self._build_engine()
-        config = getattr(model, "config", None)
-        out_channels = getattr(config, "out_channels", None) if config is not None else getattr(model, "out_channels", None)
-        return {"out_channels": out_channels, "param_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20, 1)}
+        return self._use_model(model, spec, msg["key"])
+
+    def op_load_begin(self, msg: dict) -> dict:
+        """The chunked path: allocate the model on this device; the weights follow in pieces."""
+        self._drop_model()
+        spec = self._spec(msg)
+        model = build_on_meta(spec)
+        model = finish_model(model, spec, self.device, allocate=True)
+        targets = dict(model.state_dict(keep_vars=True))
+        self.receiver = Receiver({n: t.data for n, t in targets.items()}, msg["names"])
+        self.pending_model = (model, spec, msg["key"])
+        return {}
+
+    def op_load_chunk(self, msg: dict) -> dict:
+        if self.receiver is None:
+            raise RuntimeError("load_chunk without load_begin")
+        self.receiver.take(msg["arena"], msg["size"], msg["pieces"])
+        return {}
+
+    def op_load_end(self, msg: dict) -> dict:
+        if self.receiver is None or self.pending_model is None:
+            raise RuntimeError("load_end without load_begin")
+        receiver, (model, spec, key) = self.receiver, self.pending_model
+        self.receiver = self.pending_model = None
+        receiver.finish()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return self._use_model(model, spec, key)
 
     def op_configure(self, msg: dict) -> dict:
         self.config = msg["config"]
@@ -162,39 +165,93 @@ class Worker:
         if self.arena is None or self.arena.path != msg["arena"]:
             self.arena = None
             self.arena = SharedArena.attach(msg["arena"], msg["size"])
-        tensors = [t.to(self.device, non_blocking=True) for t in wire.read(self.arena, msg["refs"])]
-        x, timesteps, context, kwargs = wire.unflatten(msg["tree"], tensors)
+        views = wire.read(self.arena, msg["refs"])
+        x, timesteps, context, kwargs = wire.unflatten(msg["tree"], views)
         before = self.engine.stats.snapshot()
         with torch.inference_mode():
-            part = self.engine.forward_band(x, timesteps, context, key=msg["key"], sync=msg["sync"], **kwargs)
+            # Cut to this rank's batch chunk and band while still in host memory: only the band
+            # of a ControlNet residual crosses to the GPU.
+            call = self.engine.prepare(x, timesteps, context, key=msg["key"], sync=msg["sync"], **kwargs)
+            call, moved = call.to(self.device, to_device)
+            clock = self.engine.stats.clock(self.device)
+            part = self.engine.forward_prepared(call)
             ref = msg["out"]
             out = self.arena.view(ref.offset, ref.shape, ref.dtype)
             (c0, c1), (r0, r1) = part.chunk, part.rows
             out[c0:c1, :, r0:r1].copy_(part.output)
+            device_s = clock.stop()
+        self.engine.stats.settle()
         after = self.engine.stats.snapshot()
-        return {k: after[k] - before[k] for k in ("bytes_sent", "collectives", "wait_s")}
+        reply = {k: after[k] - before[k] for k in ("bytes_sent", "collectives", "wait_s")}
+        reply.update(input_bytes=moved, device_s=device_s)
+        return reply
 
     def op_reset(self, msg: dict) -> dict:
         if self.engine is not None:
             self.engine.reset()
+        if msg.get("release"):
+            self._release()
         return {}
+
+    def op_release(self, msg: dict) -> dict:
+        """Give memory back: stale state and, on a GPU, the allocator's cached blocks."""
+        return self.op_reset({"release": True})
+
+    def op_task(self, msg: dict) -> dict:
+        """Run a function on ranks 0..size-1 (LocalCluster). Every rank takes part in creating a
+        sub-world's groups the first time that size is asked for, as torch requires."""
+        size = msg["size"]
+        if size not in self.task_groups:
+            groups = build_groups(range(size))
+            if groups is not None:
+                touch_groups(groups, self.device)
+            self.task_groups[size] = groups
+        if self.rank >= size:
+            return {"value": None}
+        fn, args, kwargs = pickle.loads(msg["task"])
+        value = fn(RankInfo(self.rank, size, self.task_groups[size], str(self.device)), *args, **kwargs)
+        return {"value": value}
 
     def op_status(self, msg: dict) -> dict:
         return {"model_key": self.model_key}
 
     # -- helpers --------------------------------------------------------------------------------
+    def _spec(self, msg: dict):
+        setup, setup_kwargs, paths = msg["setup"]
+        for p in paths:
+            if p not in sys.path:
+                sys.path.insert(0, p)
+        if setup:
+            resolve(setup)(**setup_kwargs)
+        # The spec's kwargs may name classes of the host application: unpickled only after setup.
+        return pickle.loads(msg["spec"])
+
+    def _use_model(self, model, spec, key) -> dict:
+        self.model, self.spec, self.model_key = model, spec, key
+        if self.config is not None:
+            self._build_engine()
+        config = getattr(model, "config", None)
+        out_channels = getattr(config, "out_channels", None) if config is not None else getattr(model, "out_channels", None)
+        return {"out_channels": out_channels,
+                "param_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20, 1)}
+
     def _build_engine(self) -> None:
         from .engine import DistriUNet
 
         if self.engine is not None:
             self.engine.close()
             self.engine = None
-        self.engine = DistriUNet(self.model, self.config, self.groups)
+        accessor = resolve(self.spec.accessor) if self.spec.accessor else None
+        self.engine = DistriUNet(self.model, self.config, self.groups, weights=accessor)
 
     def _drop_model(self) -> None:
         if self.engine is not None:
             self.engine.close()
-        self.engine = self.model = self.model_key = None
+        self.engine = self.model = self.model_key = self.spec = None
+        self.receiver = self.pending_model = None
+        self._release()
+
+    def _release(self) -> None:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -217,12 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["DISTRI_DEVICE"] = args.device
     logging.basicConfig(level=logging.INFO, format=f"distri_core.worker[{args.rank}]: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the host's terminal is the host's
-    threading.Thread(target=watch_parent, args=(args.parent, 0.5), daemon=True).start()
+    store = args.store if args.rank == 0 else None
+    threading.Thread(target=watch_parent, args=(args.parent, 0.5, store), daemon=True).start()
     if args.threads:
         torch.set_num_threads(args.threads)
     worker = Worker(args)
+    host_gone = False
     try:
-        worker.serve(args)
+        host_gone = worker.serve(args)
     except BaseException as e:  # noqa: BLE001
         try:
             wire.send(args.fd_out, {"ok": False, "op": "fatal", "error": f"{type(e).__name__}: {e}",
@@ -233,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        if host_gone and store:
+            shutil.rmtree(os.path.dirname(store), ignore_errors=True)
     return 0
 
 

@@ -25,3 +25,29 @@ def failing_factory(**kwargs):
     if os.environ.get("DISTRI_RANK") == "1":
         raise RuntimeError("deliberate failure on rank 1")
     return UNet2DConditionModel(**kwargs)
+
+
+def micro_reference(x, t, ctx, seed: int = 0):
+    """The micro UNet's output on one device."""
+    return micro_reference_with(x, t, ctx, seed=seed)
+
+
+def micro_reference_with(x, t, ctx, seed: int = 0, **kwargs):
+    """The micro UNet's output on one device, with extra UNet inputs (ControlNet residuals)."""
+    with torch.inference_mode():
+        return zoo.build("micro", seed=seed)(x, t, encoder_hidden_states=ctx, **kwargs).sample
+
+
+def slow_weights(delay: float, seed: int = 0):
+    """The micro weights, produced one at a time with a delay each (a large model's patching)."""
+    import time
+
+    from distri_core.runtime.pool import LazyWeights
+
+    state = micro_weights(seed)
+
+    def get(name):
+        time.sleep(delay)
+        return state[name]
+
+    return LazyWeights([(k, tuple(v.shape), v.dtype) for k, v in state.items()], get)

@@ -163,3 +163,21 @@ def group_sum(info):
     t = torch.tensor([float(info.rank + 1)])
     dist.all_reduce(t, group=info.groups.group)
     return float(t)
+
+
+def stale_memory(info, bucket_bytes: int):
+    """Stale state of one key after its first (register) call and two more: (peak bytes held at
+    once during the first call, bytes held after it, bucket count)."""
+    from distri_core import zoo
+
+    unet = zoo.build("micro")
+    x, t, ctx, _ = inputs("diffusers", "micro", 1, 48, 40)
+    config = PatchParallelConfig(world_size=info.world, mode="corrected_async_gn", warmup_steps=0)
+    engine = DistriUNet(unet, config, info.groups, bucket_bytes=bucket_bytes)
+    with torch.inference_mode():
+        for i in range(3):
+            engine(x * (1 - 0.01 * i), t, ctx)
+    (state,) = engine._keys.values()
+    result = (state.buffers.peak_bytes, state.buffers.nbytes, len(state.buffers.buckets))
+    engine.close()
+    return result

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .devices import fmt_bytes
+from .devices import fmt_bytes, mem_available
 from .errors import ResourceError
 
 # Room a GPU keeps beyond the weights for activations, stale buffers and the CUDA context.
@@ -72,10 +72,15 @@ def _nbytes(model: torch.nn.Module) -> int:
 
 
 def check_fits(model: torch.nn.Module, device: torch.device) -> None:
-    """Refuse, with the numbers, a model whose weights do not fit in the GPU's free memory."""
-    if device.type != "cuda":
-        return
+    """Refuse, with the numbers, a model whose weights do not fit in the device's free memory."""
     need = _nbytes(model)
+    if device.type != "cuda":
+        available = mem_available()
+        if available is not None and need > available:
+            raise ResourceError(f"the model's weights need {fmt_bytes(need)} of host memory in each CPU worker and "
+                                f"{fmt_bytes(available)} is available; use weights='shared' (one copy for every CPU "
+                                "rank), fewer ranks, or GPUs")
+        return
     free, total = torch.cuda.mem_get_info(device)
     if need + HEADROOM > free:
         physical = os.environ.get("CUDA_VISIBLE_DEVICES", str(device.index or 0))

@@ -160,7 +160,7 @@ class WorkerPool:
                 self.model_key, self.model_info = None, {}
                 self._drop_arena()
                 self.last_error = self._workers.dead_reason or str(e)
-            elif isinstance(e, PoolError):
+            elif isinstance(e, PoolError) and not isinstance(e, Cancelled):
                 self.last_error = str(e)
             raise
 

@@ -94,7 +94,7 @@ class Workers:
 
     def _env(self) -> dict:
         env = dict(os.environ)
-        paths = [PACKAGE_ROOT, *self.sys_path, *[p for p in sys.path if p]]
+        paths = [PACKAGE_ROOT, *self.sys_path, *[p or os.getcwd() for p in sys.path]]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         # Rendezvous and transport stay on this machine's loopback unless the user set otherwise.
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")

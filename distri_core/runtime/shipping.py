@@ -25,7 +25,7 @@ import torch
 
 from . import wire
 from .devices import dir_free, fmt_bytes, mem_available
-from .errors import PoolError, ResourceError
+from .errors import Cancelled, PoolError, ResourceError
 from .procs import Interrupted, Workers
 from .shm import SharedArena, aligned, shm_dir, shortage_message
 
@@ -144,6 +144,13 @@ def check_host_room(shm_bytes: int, ram_bytes: int, what: str) -> None:
                             "weights then stream in chunks), or use a smaller model or dtype")
 
 
+def _stop_if(interrupted: Interrupted | None) -> None:
+    """Between two weights: a cancel leaves the workers idle and usable (the model is not)."""
+    if interrupted is not None and interrupted():
+        raise Cancelled("cancelled while shipping the model's weights; the workers stay ready and the next run "
+                        "ships the model again", kept=True)
+
+
 def _checked(name: str, tensor: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
         raise PoolError(f"weight {name}: got {tuple(tensor.shape)} {tensor.dtype}, announced {tuple(shape)} {dtype}")
@@ -160,6 +167,7 @@ def ship_shared(workers: Workers, msg: dict, weights: LazyWeights, timeout: floa
     arena = SharedArena.create(size, what)
     try:
         for (name, shape, dtype), ref in zip(weights.entries, refs, strict=True):
+            _stop_if(interrupted)
             arena.view(ref.offset, ref.shape, ref.dtype).copy_(_checked(name, weights.get(name), shape, dtype))
         return workers.request({**msg, "op": "load", "arena": arena.path, "size": size, "names": names, "refs": refs},
                                timeout, interrupted)
@@ -188,6 +196,7 @@ def ship_chunked(workers: Workers, msg: dict, weights: LazyWeights, timeout: flo
         arena = arenas[i % count]
         for p in chunks[i]:
             if p.name not in current:
+                _stop_if(interrupted)
                 current.clear()
                 current[p.name] = _checked(p.name, weights.get(p.name), *shapes[p.name]).reshape(-1)
             arena.view(p.offset, (p.count,), p.dtype).copy_(current[p.name][p.start:p.start + p.count])

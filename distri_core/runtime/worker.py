@@ -46,13 +46,13 @@ def watch_parent(parent: int, interval: float = 1.0, store: str | None = None) -
 
 
 def to_device(value, device: torch.device):
-    """Tensors in nested dicts/lists/tuples moved to `device`; counts the bytes moved."""
+    """Tensors in nested dicts/lists/tuples moved to `device`, and their bytes (what crosses from
+    host memory to a GPU; counted on CPU ranks too, where the move is free)."""
     moved = [0]
 
     def walk(v):
         if isinstance(v, torch.Tensor):
-            if v.device != device:
-                moved[0] += v.numel() * v.element_size()
+            moved[0] += v.numel() * v.element_size()
             return v.to(device, non_blocking=True)
         if isinstance(v, dict):
             return {k: walk(x) for k, x in v.items()}

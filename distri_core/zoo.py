@@ -64,7 +64,7 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
         for m in model.modules():
             if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) and m.weight is not None:
-                m.weight.add_(1.0)
+                m.weight.copy_(m.weight.float() + 1.0)  # (fp8 weights have no in-place add)
     return model
 
 

@@ -1,50 +1,34 @@
-"""The translation between ComfyUI and distri_core: which models and patches can be split, how a
-ModelPatcher becomes a ModelSpec plus effective weights, and the keyed wrappers that send each
-UNet evaluation to the worker pool. Everything else (sampler, CFG, noise, inpaint blending,
-ControlNet, previews) stays ComfyUI's own.
+"""The sampler wrappers that send each UNet evaluation of a Distri model to the worker pool, and
+the settings they run with. Everything else (sampler, CFG, noise, inpaint blending, ControlNet,
+previews) stays ComfyUI's own, on ComfyUI's own device. Support checks live in support.py, the
+weights and model spec in weights.py, the host-side patcher in host.py.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-import uuid
 from dataclasses import dataclass
 
-import comfy.cli_args
 import comfy.model_management
-import comfy.ops
 import comfy.patcher_extension
 import torch
-from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from distri_core import PatchParallelConfig
 from distri_core.layers.attention import UnsupportedInputError
-from distri_core.runtime.pool import LazyWeights, ModelSpec, WorkerPool, available_devices, shared_pool
+from distri_core.runtime.pool import Cancelled, WorkerPool, available_devices, shared_pool
 from distri_core.surgery.adapters import ComfyUNetAdapter
 
+from .host import HostWithoutUNet, hostless, pool_memory_estimate, track_pool_memory
 from .server_routes import notify
+from .support import explain, unsupported_reasons
+from .weights import COMFY_ROOT, compute_dtype, effective_weights, model_key, model_spec
 
 log = logging.getLogger("distri_patch_parallel")
 
 KEY = "distri_patch_parallel"
-COMFY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(comfy.model_management.__file__)))
-WORKER_SETUP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker_setup.py") + ":setup"
-UNET_FACTORY = "comfy.ldm.modules.diffusionmodules.openaimodel:UNetModel"
-
-PATCH_NAMES = {
-    "attn1_patch": "a self-attention patch (HyperTile, ToMe, ...)",
-    "attn1_output_patch": "a self-attention output patch",
-    "attn2_patch": "a cross-attention patch (IPAdapter-style)",
-    "attn2_output_patch": "a cross-attention output patch",
-    "middle_patch": "a transformer middle patch (GLIGEN)",
-    "input_block_patch": "an input block patch (Kohya Deep Shrink)",
-    "input_block_patch_after_skip": "an input block patch (Kohya Deep Shrink)",
-    "output_block_patch": "an output block patch (FreeU, Kohya Deep Shrink)",
-    "middle_block_after_patch": "a middle block patch",
-    "forward_timestep_embed_patch": "a block replacement patch",
-}
+COMPILE_KEY = "torch.compile"  # comfy_api.torch_helpers.torch_compile's wrapper key
+COMPILE_KWARGS = "torch_compile_kwargs"
 
 
 @dataclass(frozen=True)
@@ -54,6 +38,12 @@ class DistriSettings:
     config: PatchParallelConfig
     devices: tuple[str, ...]
     on_unsupported: str = "error"  # or "single_device"
+
+
+def host_device() -> str | None:
+    """The GPU ComfyUI itself computes on (CLIP, VAE, ControlNet, previews), or None on CPU."""
+    device = comfy.model_management.get_torch_device()
+    return str(device) if torch.device(device).type == "cuda" else None
 
 
 def resolve_devices(devices: str, ranks: int) -> tuple[str, ...]:
@@ -80,99 +70,13 @@ def resolve_devices(devices: str, ranks: int) -> tuple[str, ...]:
     return parts
 
 
-def unsupported_reasons(model) -> list[str]:
-    """Why this ModelPatcher cannot be split into row bands (empty: it can)."""
-    reasons = []
-    base = model.model
-    unet = getattr(base, "diffusion_model", None)
-    if not isinstance(unet, UNetModel):
-        reasons.append(f"the model is {type(base).__name__} ({type(unet).__name__}); only SD1.x, SD2.x and SDXL "
-                       "UNets are supported")
-        return reasons
-    cfg = base.model_config.unet_config
-    if cfg.get("use_temporal_resblock") or cfg.get("use_temporal_attention"):
-        reasons.append("video UNets (SVD) are not supported")
-    to = model.model_options.get("transformer_options", {})
-    for name, value in (to.get("patches") or {}).items():
-        if value and name not in ("emb_patch",):
-            reasons.append(f"{PATCH_NAMES.get(name, 'a model patch')} ({name})")
-    for name, value in (to.get("patches_replace") or {}).items():
-        if value:
-            reasons.append(f"an attention replacement on {name} (SAG, IPAdapter, ...)")
-    if "multigpu_clones" in model.model_options:
-        reasons.append("ComfyUI's MultiGPU CFG Split (use one or the other)")
-    if getattr(model, "hook_patches", None):
-        reasons.append("hooks (scheduled LoRA or conditioning hooks)")
-    if any(getattr(model, "injections", {}).values()):
-        reasons.append("bypass LoRA injections")
-    if any(k.startswith("diffusion_model") for k in getattr(model, "object_patches", {})):
-        reasons.append("object patches on the UNet")
-    return reasons
-
-
-def explain(reasons: list[str]) -> str:
-    return ("Distri Patch Parallel cannot split this model into row bands: " + "; ".join(reasons) +
-            ". Remove those patches, or set 'unsupported' to single_device in Patch Parallel Config to run such "
-            "models on one device.")
-
-
-def compute_dtype(model) -> torch.dtype:
-    base = model.model
-    getter = getattr(base, "get_dtype_inference", None) or base.get_dtype
-    return getter()
-
-
-def model_key(model, dtype: torch.dtype) -> tuple:
-    """Identity of the weights the workers need: the model object, its weight patches, dtype."""
-    base = model.model
-    stamp = getattr(base, "_distri_uid", None)
-    if stamp is None:
-        stamp = base._distri_uid = uuid.uuid4().hex
-    return (stamp, str(model.patches_uuid), str(dtype))
-
-
-def model_spec(model, dtype: torch.dtype) -> ModelSpec:
-    unet_config = dict(model.model.model_config.unet_config)
-    unet_config["dtype"] = dtype
-    args = {k: v for k, v in vars(comfy.cli_args.args).items() if isinstance(v, (bool, int, float, str, type(None)))}
-    return ModelSpec(UNET_FACTORY, {**unet_config, "operations": comfy.ops.disable_weight_init}, dtype,
-                     setup=WORKER_SETUP, setup_kwargs={"comfy_root": COMFY_ROOT, "args": args}, sys_path=(COMFY_ROOT,))
-
-
-def effective_weights(model, dtype: torch.dtype) -> LazyWeights:
-    """The UNet's weights with every weight patch (LoRA, ...) applied, on CPU in `dtype`, one
-    tensor at a time.
-
-    Starts from the unpatched weights (ComfyUI may have patched the shared model in place for an
-    earlier run) and applies the patches the way ModelPatcher does, so the workers compute with
-    the same numbers a single-device KSampler would.
-    """
-    import comfy.float
-    import comfy.lora
-    import comfy.utils
-
-    prefix = "diffusion_model."
-    cpu = torch.device("cpu")
-    patches = model.get_key_patches(filter_prefix=prefix)
-
-    def target_dtype(w):
-        return dtype if w.is_floating_point() or hasattr(w, "dequantize") else w.dtype
-
-    def get(name: str) -> torch.Tensor:
-        key = prefix + name
-        (weight, convert), key_patches = patches[key][0], patches[key][1:]
-        if hasattr(weight, "dequantize"):
-            weight = weight.dequantize()
-        if key_patches:
-            work = convert(weight.to(cpu, torch.float32, copy=True), inplace=True)
-            work = comfy.lora.calculate_weight(key_patches, work, key)
-            weight = comfy.float.stochastic_rounding(work, weight.dtype, seed=comfy.utils.string_to_seed(key))
-        for fn in model.weight_wrapper_patches.get(key, []):
-            weight = fn(weight)
-        return weight.to(device=cpu, dtype=target_dtype(weight))
-
-    entries = [(k[len(prefix):], tuple(v[0][0].shape), target_dtype(v[0][0])) for k, v in patches.items()]
-    return LazyWeights(entries, get)
+def interrupted_here() -> BaseException:
+    """ComfyUI's own interrupt exception (clearing its flag, as ComfyUI does when it raises)."""
+    try:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+    except comfy.model_management.InterruptProcessingException as e:
+        return e
+    return comfy.model_management.InterruptProcessingException()
 
 
 class RunState:
@@ -212,15 +116,15 @@ class RunState:
 
     def acquire(self, model) -> WorkerPool:
         s = self.settings
-        pool = shared_pool(list(s.devices), sys_path=(COMFY_ROOT,))
+        pool = shared_pool(list(s.devices), sys_path=(COMFY_ROOT,),
+                           interrupt_check=comfy.model_management.processing_interrupted)
         pool.configure(s.config)
         dtype = compute_dtype(model)
         patched = sum(1 for k, v in model.patches.items() if v and k.startswith("diffusion_model."))
         label = f"{type(model.model.model_config).__name__} UNet, {str(dtype).replace('torch.', '')}" + \
             (f", {patched} patched weights" if patched else "")
         # The weights are computed only when the pool does not hold this model yet.
-        pool.load_model(model_key(model, dtype), model_spec(model, dtype), lambda: effective_weights(model, dtype),
-                        label)
+        pool.load_model(model_key(model), model_spec(model), lambda: effective_weights(model), label)
         self.pool = pool
         return pool
 
@@ -238,30 +142,50 @@ class RunState:
         return int((sigmas.float().cpu() > current.float().max().cpu() * (1 + 1e-5)).sum())
 
 
+def _check_run(guider) -> None:
+    """What only shows at sampling time: nodes after Distri Model, and per-cond hooks."""
+    patcher = guider.model_patcher
+    if COMPILE_KEY in patcher.wrappers.get(comfy.patcher_extension.WrappersMP.APPLY_MODEL, {}):
+        raise UnsupportedInputError(
+            "TorchCompileModel is connected after Distri Model: it would compile the host's stub of the UNet, which "
+            "only forwards to the GPU workers (compiling inside the workers is not available yet); remove it or "
+            "connect it before Distri Model")
+    if not isinstance(patcher, HostWithoutUNet):
+        raise UnsupportedInputError(
+            f"a node after Distri Model rebuilt the model as a plain {type(patcher).__name__}, which would load the "
+            "UNet onto ComfyUI's GPU as well; connect Distri Model (or use Distri Sampler) after the other model nodes")
+    for _name, conds in (getattr(guider, "conds", None) or {}).items():
+        for c in conds:
+            if c.get("hooks") is not None:
+                raise UnsupportedInputError(explain(["conditioning hooks (per-prompt LoRA schedules)"]))
+
+
 def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
     """Around one sampling run: start/configure the pool, ship the model if it changed, report
     progress to the GUI, and reset stale state afterwards, also when the run failed or was
     cancelled."""
     guider = executor.class_obj
     state: RunState = guider.model_options["transformer_options"][KEY]
-    for _name, conds in (getattr(guider, "conds", None) or {}).items():
-        for c in conds:
-            if c.get("hooks") is not None:
-                raise UnsupportedInputError(explain(["conditioning hooks (per-prompt LoRA schedules)"]))
+    _check_run(guider)
     state.begin(len(sigmas) - 1, tuple(latent_image.shape))
-    pool = state.acquire(guider.model_patcher)
     outcome = "failed"
     try:
-        result = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        state.acquire(guider.model_patcher)
+        with pool_memory_estimate(guider.model_patcher.model):
+            result = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         outcome = "done"
         return result
+    except Cancelled as e:
+        outcome = "cancelled"
+        raise interrupted_here() from e
     except comfy.model_management.InterruptProcessingException:
         outcome = "cancelled"
         raise
     finally:
         state.finish(outcome)
-        if pool.state == "ready":
-            pool.end_run()
+        if state.pool is not None and state.pool.state == "ready":
+            state.pool.end_run()
+            track_pool_memory(state.pool)
 
 
 def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
@@ -292,9 +216,13 @@ def parallel_model(model, settings: DistriSettings):
             log.warning("%s Running on one device instead.", explain(reasons))
             return model
         raise UnsupportedInputError(explain(reasons))
-    m = model.clone()
-    if not (hasattr(m, "is_dynamic") and m.is_dynamic()):
-        m.load_device = torch.device("cpu")  # the host never loads this UNet onto a GPU the pool uses
+    m = hostless(model)
+    if COMPILE_KEY in m.wrappers.get(comfy.patcher_extension.WrappersMP.APPLY_MODEL, {}):
+        log.warning("TorchCompileModel has no effect on a Distri model: it compiles the host's UNet, which only "
+                    "forwards to the GPU workers (compiling inside the workers is not available yet); it is removed "
+                    "from this model so it does not trace the worker pool.")
+        m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COMPILE_KEY)
+        m.model_options.pop(COMPILE_KWARGS, None)
     m.model_options["transformer_options"][KEY] = RunState(settings)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, outer_sample_wrapper)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, diffusion_model_wrapper)

@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from distri_core import CommDtype, Mode, PatchParallelConfig
 
-from .bridge import DistriSettings, resolve_devices
+from .bridge import DistriSettings, host_device, resolve_devices
 
 CONFIG_TYPE = io.Custom("PATCH_PARALLEL_CONFIG")
 CFG_SPLIT = {"auto": None, "on": True, "off": False}
@@ -16,7 +16,8 @@ def build_settings(devices: str, ranks: int, mode: str, warmup_steps: int, cfg_s
                    unsupported: str) -> DistriSettings:
     resolved = resolve_devices(devices, ranks)
     config = PatchParallelConfig(world_size=len(resolved), mode=mode, warmup_steps=warmup_steps,
-                                 cfg_split=CFG_SPLIT[cfg_split], comm_dtype=comm_dtype, devices=resolved)
+                                 cfg_split=CFG_SPLIT[cfg_split], comm_dtype=comm_dtype, devices=resolved,
+                                 host_device=host_device())
     return DistriSettings(config, resolved, unsupported)
 
 

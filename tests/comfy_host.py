@@ -11,6 +11,7 @@ import comfy_models
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+H, W = 32, 24  # latent rows, columns of the node tests (H != W on purpose)
 
 
 def load_pack(comfy_path: str):
@@ -51,6 +52,9 @@ def latent(height: int, width: int, seed: int = 3, batch: int = 1) -> dict:
     return {"samples": torch.randn(batch, 4, height, width, generator=g) * 0.5}
 
 
+_latent = latent  # run_pair's parameter of that name shadows it
+
+
 def controlnet(kind: str = "sd15", seed: int = 7):
     """A ComfyUI ControlNet (comfy.cldm) shaped like the tiny UNet, with random weights."""
     import comfy.cldm.cldm
@@ -67,3 +71,37 @@ def controlnet(kind: str = "sd15", seed: int = 7):
     net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, device="cpu", **cfg)
     randomize(net, seed)
     return comfy.controlnet.ControlNet(net, load_device=torch.device("cpu"))
+
+
+class NodeEnv:
+    """The pack's nodes as ComfyUI loaded them, next to ComfyUI's own KSampler."""
+
+    def __init__(self, comfy_path: str):
+        self.pack = load_pack(comfy_path)
+        from distri_patch_parallel_pack.nodes import config_node, sampler_nodes
+
+        import nodes as comfy_nodes
+
+        self.ksampler = comfy_nodes.common_ksampler
+        self.build_settings = config_node.build_settings
+        self.Sampler = sampler_nodes.DistriSamplerNode
+        self.Model = sampler_nodes.DistriModelNode
+
+
+def settings(env, mode="full_sync", ranks=2, cfg_split="off", warmup=2, unsupported="error"):
+    return env.build_settings("cpu", ranks, mode, warmup, cfg_split, "auto", unsupported)
+
+
+def run_pair(env, model, config, *, sampler="euler", scheduler="karras", steps=6, cfg=5.0, kind="sd15",
+             latent=None, denoise=1.0, positive=None, negative=None):
+    """KSampler's and Distri Sampler's latents for the same inputs: (distri, ksampler)."""
+    pos = positive or conditioning(kind, 1, H, W)
+    neg = negative or conditioning(kind, 2, H, W)
+    lat = latent or _latent(H, W)
+    (ref,) = env.ksampler(model, 42, steps, cfg, sampler, scheduler, pos, neg, lat, denoise=denoise)
+    out = env.Sampler.execute(model, config, 42, steps, cfg, sampler, scheduler, pos, neg, lat, denoise).args[0]
+    return out["samples"], ref["samples"]
+
+
+def rel_err(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1.0))

@@ -35,10 +35,12 @@ def setup(path: str) -> None:
     import comfy.model_management  # noqa: F401
 
 
-def build(kind: str = "sd15", seed: int = 0, **overrides):
-    """A ComfyUI BaseModel (model.diffusion_model is the UNetModel) with random weights.
-    `overrides` change the UNet config (e.g. in_channels=9 makes an inpainting model). "sd2" is
-    a v-prediction model, like SD2.x 768."""
+def build(kind: str = "sd15", seed: int = 0, dtype: torch.dtype = torch.float32, compute: torch.dtype | None = None,
+          **overrides):
+    """A ComfyUI BaseModel (model.diffusion_model is the UNetModel) with random weights stored in
+    `dtype` and computed in `compute` (None: the same; else ComfyUI's manual_cast ops, as for an
+    fp8 checkpoint). `overrides` change the UNet config (e.g. in_channels=9 makes an inpainting
+    model). "sd2" is a v-prediction model, like SD2.x 768."""
     import comfy.model_base
     import comfy.supported_models
 
@@ -50,7 +52,7 @@ def build(kind: str = "sd15", seed: int = 0, **overrides):
     config_cls = {"sd15": comfy.supported_models.SD15, "sd2": comfy.supported_models.SD20,
                   "sdxl": comfy.supported_models.SDXL}[kind]
     model_config = config_cls(cfg)
-    model_config.set_inference_dtype(torch.float32, None)
+    model_config.set_inference_dtype(dtype, compute)
     if kind == "sd2":
         model = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.V_PREDICTION)
     else:

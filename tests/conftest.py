@@ -72,6 +72,19 @@ def cluster():
     handle.close()
 
 
+@pytest.fixture(scope="module")
+def env(comfy_root):
+    """The pack's nodes loaded into this process's real ComfyUI (see comfy_host.NodeEnv); the
+    shared worker pool is stopped when the module's tests are done."""
+    import comfy_host
+
+    yield comfy_host.NodeEnv(str(comfy_root))
+    from distri_core.runtime.pool import current_pool
+
+    if current_pool() is not None:
+        current_pool().close()
+
+
 @pytest.fixture(scope="session")
 def comfy_base(comfy_root, tmp_path_factory):
     """A ComfyUI base directory with random model files and input images."""

@@ -181,3 +181,27 @@ def stale_memory(info, bucket_bytes: int):
     result = (state.buffers.peak_bytes, state.buffers.nbytes, len(state.buffers.buckets))
     engine.close()
     return result
+
+
+def attention_calls(info, comfy_path: str):
+    """SD2.x (attention in float32 precision) full_sync on the task's ranks, with ComfyUI's own
+    attention function recorded: (query tokens, key tokens, attn_precision) of each call on this
+    rank, and the max error against one device (rank 0)."""
+    import comfy_models
+
+    comfy_models.setup(comfy_path)
+    import comfy.ldm.modules.attention as attention
+
+    calls = []
+    real = attention.optimized_attention
+
+    def recording(q, k, v, heads, *args, **kwargs):
+        calls.append((q.shape[1], k.shape[1], str(kwargs.get("attn_precision"))))
+        return real(q, k, v, heads, *args, **kwargs)
+
+    attention.optimized_attention = recording
+    try:
+        result = call_errors(info, "comfy", "sd2", 1, 32, 24, 1, comfy_path=comfy_path, mode="full_sync")
+    finally:
+        attention.optimized_attention = real
+    return calls, result

@@ -14,47 +14,7 @@ import signal
 import comfy_host
 import pytest
 import torch
-
-H, W = 32, 24  # latent rows, columns (H != W on purpose)
-
-
-@pytest.fixture(scope="module")
-def env(comfy_root):
-    pack = comfy_host.load_pack(str(comfy_root))
-    from distri_patch_parallel_pack.nodes import config_node, sampler_nodes
-
-    import nodes as comfy_nodes
-
-    class Env:
-        ksampler = staticmethod(comfy_nodes.common_ksampler)
-        build_settings = staticmethod(config_node.build_settings)
-        Sampler = sampler_nodes.DistriSamplerNode
-        Model = sampler_nodes.DistriModelNode
-
-    yield Env
-    from distri_core.runtime.pool import current_pool
-
-    if current_pool() is not None:
-        current_pool().close()
-    del pack
-
-
-def settings(env, mode="full_sync", ranks=2, cfg_split="off", warmup=2, unsupported="error"):
-    return env.build_settings("cpu", ranks, mode, warmup, cfg_split, "auto", unsupported)
-
-
-def run_pair(env, model, config, *, sampler="euler", scheduler="karras", steps=6, cfg=5.0, kind="sd15",
-             latent=None, denoise=1.0, positive=None, negative=None):
-    pos = positive or comfy_host.conditioning(kind, 1, H, W)
-    neg = negative or comfy_host.conditioning(kind, 2, H, W)
-    lat = latent or comfy_host.latent(H, W)
-    (ref,) = env.ksampler(model, 42, steps, cfg, sampler, scheduler, pos, neg, lat, denoise=denoise)
-    out = env.Sampler.execute(model, config, 42, steps, cfg, sampler, scheduler, pos, neg, lat, denoise).args[0]
-    return out["samples"], ref["samples"]
-
-
-def rel_err(a, b) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1.0))
+from comfy_host import H, W, rel_err, run_pair, settings
 
 
 @pytest.fixture(scope="module")

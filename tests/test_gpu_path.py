@@ -318,3 +318,17 @@ def test_cancel_during_weight_shipping_and_during_start(cancel_pool):
     _expect_cancel(cancel_pool, flag, cancel_pool.start)
     assert cancel_pool.state in ("broken", "stopped") and not cancel_pool.status()["workers"]
     _next_run_works(cancel_pool)
+
+
+def test_self_attention_follows_comfyui_attention_and_its_precision(cluster, comfy_root):
+    # ComfyUI picks one attention kernel per device and flags (SDPA, sage, flash, split...) and
+    # passes each layer's attn_precision to it: SD2.x asks for float32, which ComfyUI's SDPA path
+    # does not upcast. The band's self-attention (queries of the band, keys of the whole image)
+    # must call that same function with the same precision, or full_sync drifts from KSampler in
+    # fp16 and loses the fused kernel on a GPU.
+    for rank, (calls, result) in enumerate(cluster.run(tasks.attention_calls, str(comfy_root), size=2)):
+        band_calls = [c for c in calls if c[1] > c[0]]  # more keys than queries: a band's attn1
+        assert band_calls, calls
+        assert all(c[2] == "torch.float32" for c in band_calls), band_calls
+        if rank == 0:
+            assert max(result["errors"]) < 1e-4, result

@@ -10,6 +10,7 @@ Two front-ends share `DistriKV`: `DistriSelfAttention`, installed as the forward
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
@@ -50,6 +51,15 @@ class DistriKV(DistriLayer):
         return kv[0], kv[1]
 
 
+def module_attention(module: torch.nn.Module) -> Callable | None:
+    """The attention function the module's own forward calls: ComfyUI's module-global
+    `optimized_attention`, chosen at import for the device and flags (pytorch SDPA, sage, flash,
+    xformers, split...), looked up at call time. Calling it keeps ComfyUI's precision rules
+    (`attn_precision`: SD2.x upcasts only where ComfyUI's kernel does) and its fast kernel."""
+    fn = getattr(sys.modules.get(type(module).__module__), "optimized_attention", None)
+    return fn if callable(fn) else None
+
+
 class DistriSelfAttention(DistriKV):
     """Forward of ComfyUI's `CrossAttention` in self-attention use (attn1)."""
 
@@ -67,8 +77,12 @@ class DistriSelfAttention(DistriKV):
         q, k, v = m.to_q(x), m.to_k(x), m.to_v(x)
         if ctx.mode.communicates:
             k, v = self.full_kv(ctx, k, v)
-        upcast = getattr(m, "attn_precision", None) == torch.float32
-        out = attention_heads(q, k, v, m.heads, upcast=upcast)
+        precision = getattr(m, "attn_precision", None)
+        attend = module_attention(m)
+        if attend is not None:
+            out = attend(q, k, v, m.heads, attn_precision=precision, transformer_options=transformer_options)
+        else:
+            out = attention_heads(q, k, v, m.heads, upcast=precision == torch.float32)
         return m.to_out(out)
 
 

@@ -106,6 +106,7 @@ class WorkerPool:
         self._arena: SharedArena | None = None
         self.runs = 0
         self.calls = 0
+        self.releases = 0
         self.last_error = ""
         self.last_call: dict = {}
         _LIVE.add(self)
@@ -278,6 +279,7 @@ class WorkerPool:
         with self._lock:
             if self.state == "ready":
                 self._request({"op": "release"}, self.start_timeout)
+                self.releases += 1
 
     def status(self) -> dict:
         """A snapshot for the GUI and diagnostics; never blocks on the workers."""
@@ -288,7 +290,7 @@ class WorkerPool:
         return {"state": self.state, "devices": list(self.devices), "backend": self.backend,
                 "model_key": None if self.model_key is None else str(self.model_key),
                 "model": self.model_info.get("label"), "model_mb": self.model_info.get("param_mb"), "runs": self.runs,
-                "calls": self.calls, "last_error": self.last_error, "last_call": dict(self.last_call),
+                "calls": self.calls, "releases": self.releases, "last_error": self.last_error, "last_call": dict(self.last_call),
                 "config": None if self.config is None else {
                     "world_size": self.config.world_size, "mode": self.config.mode.value,
                     "warmup_steps": self.config.warmup_steps, "cfg_split": self.config.cfg_split,

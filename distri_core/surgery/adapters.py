@@ -15,9 +15,10 @@ from .walk import UnsupportedModelError, slice_rows
 
 log = logging.getLogger("distri_core")
 
-# ComfyUI transformer_options patch kinds that act on one token or the embedding only. Every other
-# patch sees spatial shapes, masks or whole blocks and would be wrong on a band.
-_COMFY_SAFE_PATCHES = {"emb_patch"}
+# ComfyUI transformer_options patch kinds a row band can run as they are. None today: every patch
+# kind sees spatial shapes, masks or whole blocks, and the one that does not (emb_patch, which
+# changes the timestep embedding) is a host-side function the workers cannot receive.
+COMFY_SAFE_PATCHES: frozenset[str] = frozenset()
 
 
 def chunk_batch(value: Any, start: int, stop: int, batch: int) -> Any:
@@ -89,7 +90,7 @@ class ComfyUNetAdapter(UNetAdapter):
     def check(self, kwargs: dict) -> None:
         super().check(kwargs)
         to = kwargs.get("transformer_options") or {}
-        found = [f"patches.{k}" for k, v in (to.get("patches") or {}).items() if v and k not in _COMFY_SAFE_PATCHES]
+        found = [f"patches.{k}" for k, v in (to.get("patches") or {}).items() if v and k not in COMFY_SAFE_PATCHES]
         found += [f"patches_replace.{k}" for k, v in (to.get("patches_replace") or {}).items() if v]
         if found:
             raise UnsupportedInputError(

@@ -52,16 +52,20 @@ def diffusers_config(name: str) -> dict:
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Deterministic random weights: default inits re-drawn from `seed`, and norm affines moved
-    away from (1, 0) so a wrong scale or shift shows."""
-    gen = torch.Generator().manual_seed(seed)
+    """Deterministic random weights: default inits re-drawn from `seed` (on the weights' device,
+    so a GPU model is filled in place), and norm affines moved away from (1, 0) so a wrong scale
+    or shift shows."""
+    gens: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for p in model.parameters():
+            gen = gens.get(p.device)
+            if gen is None:
+                gen = gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+            noise = torch.randn(p.shape, generator=gen, device=p.device)
             if p.dim() >= 2:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
+                p.copy_(noise / p[0].numel() ** 0.5)
             else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+                p.copy_(noise * 0.1)
         for m in model.modules():
             if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) and m.weight is not None:
                 m.weight.copy_(m.weight.float() + 1.0)  # (fp8 weights have no in-place add)
@@ -85,3 +89,36 @@ def extra_inputs(name: str, batch: int, height: int, width: int) -> dict:
     ids = torch.tensor([height * 8, width * 8, 0, 0, height * 8, width * 8], dtype=torch.float32)
     return {"added_cond_kwargs": {"text_embeds": torch.randn(batch, 1280, generator=gen),
                                   "time_ids": ids.repeat(batch, 1)}}
+
+
+BUILTIN = ("tiny", "sd15", "sdxl")
+
+
+def build_builtin(name: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> nn.Module:
+    """distri_core.unet's plain-torch UNet (ComfyUI's layout; no diffusers, no ComfyUI) with the
+    named shape ('tiny', 'sd15', 'sdxl') and random weights, built directly on `device`."""
+    from . import unet
+
+    with torch.device("meta"):
+        model = unet.UNet(**builtin_config(name))
+    model = model.to(dtype).to_empty(device=device)  # no float32 copy first: SDXL is 10 GB in float32
+    return randomize(model, seed).eval().requires_grad_(False)
+
+
+def builtin_config(name: str) -> dict:
+    """distri_core.unet.UNet's keyword arguments for a built-in shape."""
+    from . import unet
+
+    if name not in BUILTIN:
+        raise ValueError(f"built-in UNet {name!r} is not known; use one of: {', '.join(BUILTIN)}")
+    return dict({"tiny": unet.TINY, "sd15": unet.SD15, "sdxl": unet.SDXL}[name])
+
+
+def builtin_extra(name: str, batch: int, device: torch.device | str = "cpu") -> dict:
+    """The label input `y` the built-in SDXL and tiny shapes take (SDXL's pooled text and sizes)."""
+    dim = builtin_config(name).get("adm_in_channels")
+    if not dim:
+        return {}
+    gen = torch.Generator().manual_seed(2)
+    return {"y": torch.randn(batch, dim, generator=gen).to(device)}

@@ -21,7 +21,22 @@ def pool_status() -> dict:
     else:
         status = pool.status()
     status["run"] = dict(_last_run)
+    status["host"] = host_memory()
     return status
+
+
+def host_memory() -> dict:
+    """ComfyUI's own GPU memory (its CLIP, VAE, ControlNet; never a Distri model's UNet)."""
+    try:
+        import comfy.model_management as mm
+        import torch
+    except ImportError:
+        return {}
+    device = mm.get_torch_device()
+    if torch.device(device).type != "cuda":
+        return {"device": str(device)}
+    return {"device": str(device), "torch_allocated_mb": round(torch.cuda.memory_allocated(device) / 2 ** 20, 1),
+            "torch_reserved_mb": round(torch.cuda.memory_reserved(device) / 2 ** 20, 1)}
 
 
 def notify(run: dict | None = None) -> None:

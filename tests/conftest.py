@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -12,21 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from distri_core.comfyui import INSTALL_HINT as COMFY_HINT  # noqa: E402
+from distri_core.comfyui import find_comfyui as comfy_path  # noqa: E402
 from distri_core.runtime.launch import LocalCluster  # noqa: E402
-
-COMFY_HINT = (
-    "ComfyUI not found: set COMFYUI_PATH to a ComfyUI checkout, or install one at ~/comfy/ComfyUI "
-    "(git clone https://github.com/comfyanonymous/ComfyUI ~/comfy/ComfyUI, or `comfy install`) and "
-    "install its requirements into this environment: pip install -r ~/comfy/ComfyUI/requirements.txt"
-)
-
-
-def comfy_path() -> Path | None:
-    """$COMFYUI_PATH, else ~/comfy/ComfyUI, if it holds a ComfyUI checkout."""
-    for p in (os.environ.get("COMFYUI_PATH"), str(Path.home() / "comfy" / "ComfyUI")):
-        if p and (Path(p) / "comfy" / "model_management.py").is_file():
-            return Path(p)
-    return None
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,15 @@ def build(family: str, kind: str, comfy_path: str | None = None):
             return unet(x, t, encoder_hidden_states=ctx, return_dict=False, **kw)[0]
 
         return unet, plain, None
+    if family == "builtin":
+        from distri_core import zoo
+
+        unet = zoo.build_builtin(kind)
+
+        def plain(x, t, ctx, **kw):
+            return unet(x, t, ctx, **kw)
+
+        return unet, plain, None
     import comfy_models
 
     comfy_models.setup(comfy_path)
@@ -43,6 +52,10 @@ def inputs(family: str, kind: str, batch: int, height: int, width: int, seed: in
         from distri_core import zoo
 
         dim = zoo.CONFIGS[kind]["cross_attention_dim"]
+    elif family == "builtin":
+        from distri_core import unet
+
+        dim = unet.TINY["context_dim"]
     else:
         import comfy_models
 
@@ -51,6 +64,8 @@ def inputs(family: str, kind: str, batch: int, height: int, width: int, seed: in
     kw = {}
     if family == "comfy" and kind == "sdxl":
         kw["y"] = torch.randn(batch, 2816, generator=g)
+    if family == "builtin":
+        kw["y"] = torch.randn(batch, 64, generator=g)
     return x, t, ctx, kw
 
 
@@ -205,3 +220,23 @@ def attention_calls(info, comfy_path: str):
     finally:
         attention.optimized_attention = real
     return calls, result
+
+
+def solo_vs_real(info):
+    """A real rank and the GPU check's peerless rank (SoloBuffers) over three calls of the
+    displaced mode: (band output shape, stale bytes, bytes sent, collectives) of each."""
+    from distri_core import zoo
+    from distri_core.gpucheck.solo import solo_engine
+
+    unet = zoo.build_builtin("tiny")
+    x, t, ctx, kw = inputs("builtin", "tiny", 2, 32, 24)
+    config = PatchParallelConfig(world_size=info.world, mode="corrected_async_gn", warmup_steps=0, cfg_split=False)
+    out = []
+    with torch.inference_mode():
+        for make in (lambda: DistriUNet(unet, config, info.groups), lambda: solo_engine(unet, info.world, info.rank)):
+            engine = make()  # one engine at a time owns the model's layers
+            for i in range(3):
+                part = engine.forward_band(x * (1 - 0.01 * i), t, ctx, **kw)
+            out.append((tuple(part.output.shape), engine.stale_bytes, engine.stats.bytes_sent, engine.stats.collectives))
+            engine.close()
+    return out

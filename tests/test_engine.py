@@ -17,6 +17,7 @@ MODELS = [
     pytest.param("diffusers", "micro", 48, 40, id="diffusers-micro"),
     pytest.param("comfy", "sd15", 48, 40, id="comfy-sd15"),
     pytest.param("comfy", "sdxl", 48, 32, id="comfy-sdxl"),
+    pytest.param("builtin", "tiny", 48, 32, id="builtin-tiny"),  # distri_core.unet: the GPU check's model
 ]
 
 

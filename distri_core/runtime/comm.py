@@ -223,7 +223,7 @@ class StaleBuffers:
                 self.entries[name] = entry
         rows = fresh.new_empty(self.world, entry.slot)
         rows[self.rank, :fresh.numel()].copy_(fresh.reshape(-1))
-        work = all_gather_rows(rows, self.rank, self.group, async_op=True)
+        work = self._all_gather(rows)
         self.stats.add(entry.slot * rows.element_size(), self.world - 1)
 
         def finish() -> list[torch.Tensor]:
@@ -293,8 +293,12 @@ class StaleBuffers:
             off += e.slot
         self.buckets.append(bucket)
 
+    def _all_gather(self, rows: torch.Tensor):
+        """Start the all-gather of `rows` (row `self.rank` is this rank's); returns its work."""
+        return all_gather_rows(rows, self.rank, self.group, async_op=True)
+
     def _launch(self, bucket: _Bucket) -> None:
-        bucket.pending = all_gather_rows(bucket.rows, self.rank, self.group, async_op=True)
+        bucket.pending = self._all_gather(bucket.rows)
         bucket.launched = True
         self.stats.add(bucket.rows.shape[1] * bucket.rows.element_size(), self.world - 1)
 

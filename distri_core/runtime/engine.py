@@ -72,7 +72,8 @@ class DistriUNet:
     """
 
     def __init__(self, model: nn.Module, config: PatchParallelConfig, groups: ParallelGroups | None = None,
-                 *, weights: WeightAccessor | None = None, bucket_bytes: int = 8 << 20):
+                 *, weights: WeightAccessor | None = None, bucket_bytes: int = 8 << 20,
+                 buffers: type[StaleBuffers] = StaleBuffers):
         groups = groups or single()
         if groups.size != config.world_size:
             raise ValueError(f"config.world_size={config.world_size} but the process group has {groups.size} "
@@ -84,6 +85,7 @@ class DistriUNet:
         self.host = LayerHost(weights)
         self.installed = install_layers(model, self.host)
         self.bucket_bytes = bucket_bytes
+        self.buffers = buffers  # the exchange (runtime.comm); the GPU check swaps in one without peers
         self.stats = CommStats()
         self._keys: dict[Hashable, _KeyState] = {}
 
@@ -192,7 +194,7 @@ class DistriUNet:
                 group = self.groups.group
             else:
                 group = self.groups.halves[call.group]
-            buffers = StaleBuffers(group, call.band, call.layout.bands.parts, call.layout.bands,
+            buffers = self.buffers(group, call.band, call.layout.bands.parts, call.layout.bands,
                                    self.config.mode.uses_stale, self.stats, self.bucket_bytes)
             state = self._keys[call.key] = _KeyState(buffers)
         return state

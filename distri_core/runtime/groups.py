@@ -79,9 +79,7 @@ def touch_groups(groups: ParallelGroups, device: torch.device) -> None:
     checks = [(groups.group, groups.size)]
     if groups.my_half is not None:
         checks.append((groups.my_half, groups.size // 2))
-    for group, size in checks:
-        if size < 2:
-            continue
+    for group, size in checks:  # a one-rank world too: NCCL still builds (and checks) its communicator
         probe = torch.ones(1, device=device)
         dist.all_reduce(probe, group=group)
         if int(probe.item()) != size:

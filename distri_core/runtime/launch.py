@@ -11,8 +11,10 @@ benchmark and the tests.
 
 from __future__ import annotations
 
+import importlib
 import pickle
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +41,18 @@ class RankError(RuntimeError):
         self.remote_traceback = remote_traceback
 
 
+def _importable(fn: Callable) -> Callable:
+    """`fn` as the ranks can import it: a function of `python -m package.module`'s __main__ is
+    the same function of package.module (the ranks never run the host's __main__)."""
+    if getattr(fn, "__module__", None) != "__main__":
+        return fn
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if spec is None:
+        raise TypeError(f"{fn.__name__} is defined in a script the ranks cannot import; define it in a module "
+                        "(or run the script with python -m)")
+    return getattr(importlib.import_module(spec.name), fn.__qualname__)
+
+
 class LocalCluster:
     """`world` ranks on this machine (CPU ranks on gloo unless told otherwise)."""
 
@@ -63,6 +77,7 @@ class LocalCluster:
         size = size or self.world
         if not 1 <= size <= self.world:
             raise ValueError(f"size={size} is not valid for a cluster of {self.world} ranks")
+        fn = _importable(fn)
         try:
             task = pickle.dumps((fn, args, kwargs))
         except Exception as e:

@@ -143,7 +143,12 @@ class RunState:
 
 
 def _check_run(guider) -> None:
-    """What only shows at sampling time: nodes after Distri Model, and per-cond hooks."""
+    """What only shows at sampling time: per-cond hooks, and nodes after Distri Model."""
+    # Hooks first: with dynamic VRAM, ComfyUI itself swaps in a plain patcher for hooked conds.
+    for _name, conds in (getattr(guider, "conds", None) or {}).items():
+        for c in conds:
+            if c.get("hooks") is not None:
+                raise UnsupportedInputError(explain(["conditioning hooks (per-prompt LoRA schedules)"]))
     patcher = guider.model_patcher
     if COMPILE_KEY in patcher.wrappers.get(comfy.patcher_extension.WrappersMP.APPLY_MODEL, {}):
         raise UnsupportedInputError(
@@ -154,10 +159,6 @@ def _check_run(guider) -> None:
         raise UnsupportedInputError(
             f"a node after Distri Model rebuilt the model as a plain {type(patcher).__name__}, which would load the "
             "UNet onto ComfyUI's GPU as well; connect Distri Model (or use Distri Sampler) after the other model nodes")
-    for _name, conds in (getattr(guider, "conds", None) or {}).items():
-        for c in conds:
-            if c.get("hooks") is not None:
-                raise UnsupportedInputError(explain(["conditioning hooks (per-prompt LoRA schedules)"]))
 
 
 def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):

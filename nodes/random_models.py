@@ -126,7 +126,7 @@ def write_sdxl(path: Path, seed: int = 0, dtype: torch.dtype = torch.float16) ->
     vae = AutoencoderKL(ddconfig=dict(SD_VAE), embed_dim=4)
     randomize(vae, seed + 1)
     vae_sd = {k: v.to(dtype) for k, v in vae.state_dict().items()}
-    sd = model.state_dict_for_saving({"diffusion_model." + k: v for k, v in unet_sd.items()}, clip_sd, vae_sd)
+    sd = model.state_dict_for_saving(unet_sd, clip_sd, vae_sd)  # adds model.diffusion_model. itself
     path.parent.mkdir(parents=True, exist_ok=True)
     comfy.utils.save_torch_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     return path

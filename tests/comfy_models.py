@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import sys
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {
     # SD1.x layout: conv projections, 768-dim context in the real model (32 here), 8 heads.
@@ -62,14 +67,15 @@ def build(kind: str = "sd15", seed: int = 0, dtype: torch.dtype = torch.float32,
 
 
 def comfy_weights(module, x):
-    """The weight accessor ComfyUI layers need: comfy.ops.cast_bias_weight when the op casts or
-    carries weight patches, else the plain parameters."""
-    import comfy.ops
+    """The weight accessor the pool's workers use for ComfyUI models (nodes/worker_setup.py):
+    comfy.ops.cast_bias_weight where the op casts or carries weight patches, else the plain
+    parameters."""
+    return _worker_setup().comfy_weights(module, x)
 
-    from distri_core.layers.base import plain_weights
 
-    if getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None) \
-            or getattr(module, "bias_function", None):
-        w, b, stream = comfy.ops.cast_bias_weight(module, x, offloadable=True)
-        return w, b, (lambda: comfy.ops.uncast_bias_weight(module, w, b, stream))
-    return plain_weights(module, x)
+@functools.cache
+def _worker_setup():
+    spec = importlib.util.spec_from_file_location("distri_worker_setup", ROOT / "nodes" / "worker_setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

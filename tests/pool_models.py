@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -32,10 +35,31 @@ def micro_reference(x, t, ctx, seed: int = 0):
     return micro_reference_with(x, t, ctx, seed=seed)
 
 
+@functools.cache
+def micro_model(seed: int = 0):
+    """The micro UNet on this process, built once per seed."""
+    return zoo.build("micro", seed=seed)
+
+
 def micro_reference_with(x, t, ctx, seed: int = 0, **kwargs):
     """The micro UNet's output on one device, with extra UNet inputs (ControlNet residuals)."""
     with torch.inference_mode():
-        return zoo.build("micro", seed=seed)(x, t, encoder_hidden_states=ctx, **kwargs).sample
+        return micro_model(seed)(x, t, encoder_hidden_states=ctx, **kwargs).sample
+
+
+@contextmanager
+def micro_pool(key: str = "micro-0") -> Iterator:
+    """A 2-CPU-rank WorkerPool in full_sync (no CFG split) with the micro UNet loaded."""
+    from distri_core import PatchParallelConfig
+    from distri_core.runtime.pool import WorkerPool
+
+    pool = WorkerPool(["cpu", "cpu"])
+    try:
+        pool.configure(PatchParallelConfig(world_size=2, mode="full_sync", cfg_split=False))
+        pool.load_model(key, micro_spec(), micro_weights)
+        yield pool
+    finally:
+        pool.close()
 
 
 def slow_weights(delay: float, seed: int = 0):

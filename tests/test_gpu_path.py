@@ -232,14 +232,8 @@ class Flag:
 def cancel_pool():
     import pool_models
 
-    from distri_core import PatchParallelConfig
-    from distri_core.runtime.pool import WorkerPool
-
-    pool = WorkerPool(["cpu", "cpu"])
-    pool.configure(PatchParallelConfig(world_size=2, mode="full_sync", cfg_split=False))
-    pool.load_model("micro", pool_models.micro_spec(), pool_models.micro_weights)
-    yield pool
-    pool.close()
+    with pool_models.micro_pool("micro") as pool:
+        yield pool
 
 
 def _next_run_works(pool):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ import tasks
 import torch
 from comfy_server import pid_alive, still_alive
 
-from distri_core import PatchParallelConfig, zoo
+from distri_core import PatchParallelConfig
 from distri_core.runtime.pool import PoolError, WorkerError, WorkerPool, shared_pool
 from distri_core.runtime.shm import owned_segments, shm_dir
 from distri_core.sampling import ddim_sample
@@ -32,23 +31,13 @@ def _inputs(batch=2, height=48, width=40):
     return x, t, ctx
 
 
-@functools.cache
-def _micro(seed: int):
-    return zoo.build("micro", seed=seed)
-
-
-def _reference(x, t, ctx, seed=0):
-    with torch.inference_mode():
-        return _micro(seed)(x, t, encoder_hidden_states=ctx).sample
+_reference = pool_models.micro_reference
 
 
 @pytest.fixture(scope="module")
 def pool2():
-    pool = WorkerPool(["cpu", "cpu"])
-    pool.configure(PatchParallelConfig(world_size=2, mode="full_sync", cfg_split=False))
-    pool.load_model("micro-0", pool_models.micro_spec(), pool_models.micro_weights)
-    yield pool
-    pool.close()
+    with pool_models.micro_pool() as pool:
+        yield pool
 
 
 def test_pool_equals_single_device(pool2):

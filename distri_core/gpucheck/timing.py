@@ -10,7 +10,7 @@ import warnings
 import torch
 
 from .. import zoo
-from ..runtime.comm import Clock
+from ..runtime.stats import Clock
 from .solo import solo_engine
 
 

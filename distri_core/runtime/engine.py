@@ -15,8 +15,9 @@ from ..layers.base import CallContext, LayerHost, WeightAccessor
 from ..layout import CallLayout, make_layout
 from ..surgery.adapters import adapter_for, chunk_batch
 from ..surgery.walk import install_layers
-from .comm import CommStats, StaleBuffers, all_gather_rows
+from .comm import StaleBuffers, all_gather_rows
 from .groups import ParallelGroups, single
+from .stats import CommStats
 
 log = logging.getLogger("distri_core")
 

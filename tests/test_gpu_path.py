@@ -40,6 +40,20 @@ def test_worker_gpu_is_the_physical_gpu_the_host_means(visible, index, expected)
     assert physical_gpu(index, visible) == expected
 
 
+def test_workers_keep_the_host_gpu_numbering_and_see_their_peers():
+    # The old pool gave each worker CUDA_VISIBLE_DEVICES=<the host's logical index>: with the host
+    # on '4,5,6,7' its cuda:1 worker ran on physical GPU 1, someone else's. Workers now inherit the
+    # host's CUDA_VISIBLE_DEVICES and select the same index (and still see their peers, which NCCL
+    # needs for P2P/IPC); the physical GPU is only recorded, for messages.
+    from distri_core.runtime.devices import PHYSICAL_ENV, worker_device
+
+    assert worker_device("cuda:1", {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}) == ("cuda:1", {PHYSICAL_ENV: "5"})
+    assert worker_device("cuda:0", {}) == ("cuda:0", {PHYSICAL_ENV: "0"})
+    assert worker_device("cpu", {"CUDA_VISIBLE_DEVICES": "4"}) == ("cpu", {})
+    with pytest.raises(PoolError, match="cuda:1 is not visible to this process"):
+        worker_device("cuda:1", {"CUDA_VISIBLE_DEVICES": "3"})
+
+
 def test_gpu_outside_the_host_visible_set_is_refused_by_name():
     assert visible_entries("3,1,-1,0") == ["3", "1"]
     assert visible_entries("0,0,1") == ["0"]  # a repeated entry ends the list, as CUDA does

@@ -34,11 +34,10 @@ def visible_entries(value: str | None) -> list[str] | None:
 
 
 def physical_gpu(index: int, host_visible: str | None) -> str:
-    """The CUDA_VISIBLE_DEVICES value that gives a worker the GPU the host calls cuda:`index`.
+    """The physical GPU (driver index or UUID) the host calls cuda:`index`.
 
     The host's own CUDA_VISIBLE_DEVICES (SLURM, Docker, one ComfyUI per GPU, ComfyUI's
-    --cuda-device) renumbers the GPUs: with '4,5,6,7' the host's cuda:1 is physical GPU 5. A
-    worker inherits the host's CUDA_DEVICE_ORDER, so indices mean the same in both."""
+    --cuda-device) renumbers the GPUs: with '4,5,6,7' the host's cuda:1 is physical GPU 5."""
     entries = visible_entries(host_visible)
     if entries is None:
         return str(index)
@@ -79,3 +78,21 @@ def fmt_bytes(n: float) -> str:
         if abs(n) < 1000:
             return f"{n:.1f} {unit}"
     return f"{n / 1000:.1f} GB"
+
+
+PHYSICAL_ENV = "DISTRI_PHYSICAL_GPU"
+
+
+def worker_device(device: str, host_env: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """The device a worker uses for the host's `device`, and the environment entries to add.
+
+    A worker inherits the host's CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER unchanged and selects
+    the host's index, so cuda:N means the same GPU in both (SLURM, Docker, --cuda-device and UUID
+    lists included). Narrowing each worker to its one GPU with CUDA_VISIBLE_DEVICES would hide
+    the peers from CUDA: NCCL then cannot use P2P/IPC between them, and its traffic falls back to
+    host memory (or fails). The physical GPU is recorded for messages."""
+    if not device.startswith("cuda"):
+        return device, {}
+    index = torch.device(device).index or 0
+    physical = physical_gpu(index, host_env.get("CUDA_VISIBLE_DEVICES"))
+    return f"cuda:{index}", {PHYSICAL_ENV: physical}

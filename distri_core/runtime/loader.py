@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .devices import fmt_bytes, mem_available
+from .devices import PHYSICAL_ENV, fmt_bytes, mem_available
 from .errors import ResourceError
 
 # Room a GPU keeps beyond the weights for activations, stale buffers and the CUDA context.
@@ -83,7 +83,7 @@ def check_fits(model: torch.nn.Module, device: torch.device) -> None:
         return
     free, total = torch.cuda.mem_get_info(device)
     if need + HEADROOM > free:
-        physical = os.environ.get("CUDA_VISIBLE_DEVICES", str(device.index or 0))
+        physical = os.environ.get(PHYSICAL_ENV, str(device.index or 0))
         raise ResourceError(f"the model's weights need {fmt_bytes(need)} (plus about {fmt_bytes(HEADROOM)} to run) "
                             f"on GPU {physical}, which has {fmt_bytes(free)} free of {fmt_bytes(total)}; another "
                             "program (or ComfyUI itself) holds that GPU's memory: free it, choose other devices, or "

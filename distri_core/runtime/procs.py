@@ -1,4 +1,4 @@
-"""The worker processes themselves: start one per device on the right physical GPU, join them
+"""The worker processes themselves: start one per device (the GPU the host means), join them
 over a rendezvous store that lives as long as they do, exchange messages over private pipes,
 notice a dead worker or the caller's cancel, and stop them leaving nothing behind.
 
@@ -19,10 +19,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from . import wire
-from .devices import physical_gpu
+from .devices import worker_device
 from .errors import Cancelled, PoolError, WorkerError
 from .shm import remove_orphans, store_dir
 
@@ -104,13 +102,8 @@ class Workers:
         return env
 
     def _spawn(self, rank: int, device: str, store: str, env: dict) -> Proc:
-        child_env = dict(env)
-        dev = device
-        if device.startswith("cuda"):
-            # The worker sees only its GPU, as cuda:0: the physical GPU the host calls `device`.
-            child_env["CUDA_VISIBLE_DEVICES"] = physical_gpu(torch.device(device).index or 0,
-                                                             os.environ.get("CUDA_VISIBLE_DEVICES"))
-            dev = "cuda:0"
+        dev, extra = worker_device(device, env)
+        child_env = {**env, **extra}
         to_r, to_w = os.pipe()
         from_r, from_w = os.pipe()
         cmd = [sys.executable, "-m", "distri_core.runtime.worker", "--rank", str(rank), "--world", str(self.world),

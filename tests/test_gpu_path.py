@@ -76,6 +76,21 @@ def test_first_call_never_holds_its_stale_state_twice(cluster, bucket_bytes):
             assert peak < 1.35 * held, (peak, held, buckets)
 
 
+def test_an_nccl_start_up_failure_says_what_to_try():
+    # NCCL fails at communicator set-up (now at start-up) when a container's /dev/shm is small or
+    # a consumer card's P2P is broken; its own message names neither fix.
+    from distri_core.runtime.errors import WorkerError
+    from distri_core.runtime.pool import with_nccl_hint
+
+    failed = WorkerError(1, "cuda:1", 42, "DistBackendError: NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled "
+                         "system error (run with NCCL_DEBUG=INFO for details)")
+    hinted = with_nccl_hint(failed, "nccl")
+    assert "--shm-size" in str(hinted) and "NCCL_P2P_DISABLE=1" in str(hinted) and hinted.rank == 1
+    assert with_nccl_hint(failed, "gloo") is failed
+    other = WorkerError(0, "cuda:0", 7, "ModuleNotFoundError: No module named 'x'")
+    assert with_nccl_hint(other, "nccl") is other
+
+
 # -- weights: bounded chunks, checked room, no SIGBUS ---------------------------------------------
 
 def test_gpu_style_weights_stream_through_two_bounded_segments(monkeypatch):

@@ -52,6 +52,20 @@ def _close_all() -> None:
 atexit.register(_close_all)
 
 
+NCCL_HINT = ("NCCL could not set up its communicators between the GPUs. In a container, give it shared memory "
+             "(docker run --shm-size=16g); on consumer GPUs without working peer-to-peer (many RTX cards), start "
+             "ComfyUI with NCCL_P2P_DISABLE=1; NCCL_DEBUG=INFO in the environment shows the transport it tried")
+
+
+def with_nccl_hint(error: WorkerError, backend: str) -> WorkerError:
+    """A start-up error with what to try, when NCCL is what failed."""
+    text = f"{error.message} {error.remote_traceback}".lower()
+    if backend != "nccl" or "nccl" not in text:
+        return error
+    return WorkerError(error.rank, error.device, error.pid, f"{error.message}. {NCCL_HINT}", error.remote_traceback,
+                       error.kind)
+
+
 class WorkerPool:
     """Worker processes on `devices` (one rank each). Thread-safe; one request at a time.
 
@@ -124,6 +138,9 @@ class WorkerPool:
             self.model_key, self.model_info = None, {}
             try:
                 self._workers.start(self.start_timeout, self.interrupt_check)
+            except WorkerError as e:
+                self.state = "broken" if self._workers.dead_reason else "stopped"
+                raise with_nccl_hint(e, self.backend) from e
             except BaseException:
                 self.state = "broken" if self._workers.dead_reason else "stopped"
                 raise

@@ -240,3 +240,32 @@ def solo_vs_real(info):
             out.append((tuple(part.output.shape), engine.stale_bytes, engine.stats.bytes_sent, engine.stats.collectives))
             engine.close()
     return out
+
+
+def input_conv_errors(info, family, kind, height, width, modes, comfy_path=None):
+    """Per mode, the max error of this rank's rows of the input convolution's output against one
+    device, at each of three calls (warm-up 0: the second and third are displaced steps)."""
+    unet, plain, accessor = build(family, kind, comfy_path)
+    from distri_core.surgery.adapters import adapter_for
+
+    conv = adapter_for(unet).input_conv(unet)
+    seen = []
+    conv.register_forward_hook(lambda m, args, out: seen.append(out.detach().clone()))
+    x, t, ctx, kw = inputs(family, kind, 1, height, width)
+    seq = [(x * (1 - 0.1 * i) + 0.3 * i, t - 10 * i) for i in range(3)]
+    with torch.inference_mode():
+        for xi, ti in seq:
+            plain(xi, ti, ctx, **_fresh(kw))
+        full = list(seen)
+        result = {}
+        for mode in modes:
+            seen.clear()
+            engine = _engine(info, unet, accessor, mode=mode, warmup_steps=0)
+            rows = []
+            for xi, ti in seq:
+                part = engine.forward_band(xi, ti, ctx, **_fresh(kw))
+                rows.append(part.rows)
+            engine.close()
+            result[mode] = [float((band - f[:, :, r0:r1]).abs().max()) for band, f, (r0, r1) in zip(seen, full, rows,
+                                                                                                    strict=True)]
+    return result

@@ -55,6 +55,9 @@ class CallContext:
     bands: BandPlan
     exchanger: Exchanger | None
     comm_dtype: torch.dtype | None  # None: the activation's own dtype
+    # The rows of this call's input latent just above and below the band (zeros past the image
+    # edge), for the input convolution: every rank holds the whole current input.
+    input_halo: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def split(self) -> bool:

@@ -79,9 +79,10 @@ def assemble_halo(views: list[torch.Tensor], heights: list[int], rank: int, p: i
 class DistriConv2d(DistriLayer):
     """Installed as the forward of an `nn.Conv2d` with a kernel taller than one row."""
 
-    def __init__(self, module: torch.nn.Conv2d, host: LayerHost, name: str):
+    def __init__(self, module: torch.nn.Conv2d, host: LayerHost, name: str, from_input: bool = False):
         check_conv(module)
         super().__init__(module, host, name)
+        self.from_input = from_input  # the UNet's input convolution: halo rows from the input itself
         self.halo = conv_halo(module)
         self.stride_h = _pair(module.stride)[0]
         pw = _pair(module.padding)[1] if not isinstance(module.padding, str) else None
@@ -95,6 +96,10 @@ class DistriConv2d(DistriLayer):
         if ctx is None or self.halo == 0 or not ctx.mode.communicates:
             # One band, or naive patches: the band is the image, the conv pads it with zeros.
             return self.original(x, *args, **kwargs)
+        if self.from_input and ctx.input_halo is not None:
+            # Exact in every mode, with no exchange: the rows come from this call's own input.
+            above, below = ctx.input_halo
+            return self._conv(torch.cat([above.to(x.dtype), x, below.to(x.dtype)], dim=2), (0, self.pad_w))
         if ctx.sync and self.stride_h == 1 and x.shape[2] > 2 * self.halo:
             return self._overlapped(ctx, x)
         x = self._with_halo(ctx, x)

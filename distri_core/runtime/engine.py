@@ -46,11 +46,13 @@ class BandCall:
     timesteps: object
     context: object
     kwargs: dict
+    input_halo: tuple[torch.Tensor, torch.Tensor] | None = None  # input rows above and below the band
 
     def to(self, device: torch.device, move) -> tuple[BandCall, int]:
         """The same call with its tensors moved by `move(value, device) -> (value, bytes)`."""
-        (x, timesteps, context, kwargs), moved = move((self.x, self.timesteps, self.context, self.kwargs), device)
-        return replace(self, x=x, timesteps=timesteps, context=context, kwargs=kwargs), moved
+        moved_args, moved = move((self.x, self.timesteps, self.context, self.kwargs, self.input_halo), device)
+        x, timesteps, context, kwargs, halo = moved_args
+        return replace(self, x=x, timesteps=timesteps, context=context, kwargs=kwargs, input_halo=halo), moved
 
 
 @dataclass
@@ -84,7 +86,7 @@ class DistriUNet:
         self.groups = groups
         self.adapter = adapter_for(model)
         self.host = LayerHost(weights)
-        self.installed = install_layers(model, self.host)
+        self.installed = install_layers(model, self.host, self.adapter.input_conv(model))
         self.bucket_bytes = bucket_bytes
         self.buffers = buffers  # the exchange (runtime.comm); the GPU check swaps in one without peers
         self.stats = CommStats()
@@ -129,7 +131,24 @@ class DistriUNet:
             x=x[chunk[0]:chunk[1], :, rows[0]:rows[1]],
             timesteps=chunk_batch(timesteps, chunk[0], chunk[1], batch),
             context=chunk_batch(context, chunk[0], chunk[1], batch),
-            kwargs=self.adapter.cut(kwargs, chunk, batch, rows, height))
+            kwargs=self.adapter.cut(kwargs, chunk, batch, rows, height),
+            input_halo=self._input_halo(x[chunk[0]:chunk[1]], rows))
+
+    def _input_halo(self, x: torch.Tensor, rows: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The input rows just above and below band `rows` (zeros past the image edge)."""
+        p = self.installed.input_halo
+        if p == 0 or self.groups.size == 1:
+            return None
+        (r0, r1), h = rows, x.shape[2]
+
+        def take(start: int, stop: int) -> torch.Tensor:
+            part = x[:, :, max(start, 0):min(stop, h)]
+            if part.shape[2] == p:
+                return part
+            pad = x.new_zeros(x.shape[0], x.shape[1], p - part.shape[2], x.shape[3])
+            return torch.cat([pad, part] if start < 0 else [part, pad], dim=2)
+
+        return take(r0 - p, r0), take(r1, r1 + p)
 
     def forward_prepared(self, call: BandCall) -> BandResult:
         """Run the band of a prepared call."""
@@ -143,7 +162,8 @@ class DistriUNet:
             is_sync = call.sync if call.sync is not None else self.config.is_sync_call(state.calls)
         comm_dtype = None if self.config.comm_dtype is CommDtype.AUTO else self.config.comm_dtype.resolve(call.dtype)
 
-        self.host.call = CallContext(mode, is_sync, call.band, call.layout.bands, state.buffers, comm_dtype)
+        self.host.call = CallContext(mode, is_sync, call.band, call.layout.bands, state.buffers, comm_dtype,
+                                     call.input_halo)
         state.buffers.begin_call()
         try:
             out = self.adapter(self.model, call.x, call.timesteps, call.context, **call.kwargs)

@@ -57,6 +57,12 @@ class UNetAdapter:
     def matches(cls, model: nn.Module) -> bool:
         raise NotImplementedError
 
+    @staticmethod
+    def input_conv(model: nn.Module) -> nn.Module | None:
+        """The convolution applied to the UNet's input latent (every rank holds all of that input,
+        so its halo needs no exchange)."""
+        return None
+
     def check(self, kwargs: dict) -> None:
         for name in self.refused:
             if kwargs.get(name) is not None:
@@ -86,6 +92,11 @@ class ComfyUNetAdapter(UNetAdapter):
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return all(hasattr(model, a) for a in ("input_blocks", "middle_block", "output_blocks", "out"))
+
+    @staticmethod
+    def input_conv(model: nn.Module) -> nn.Module | None:
+        first = model.input_blocks[0][0]
+        return first if isinstance(first, nn.Conv2d) else None
 
     def check(self, kwargs: dict) -> None:
         super().check(kwargs)
@@ -121,6 +132,10 @@ class DiffusersUNetAdapter(UNetAdapter):
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return all(hasattr(model, a) for a in ("down_blocks", "up_blocks", "conv_in", "conv_out"))
+
+    @staticmethod
+    def input_conv(model: nn.Module) -> nn.Module | None:
+        return model.conv_in if isinstance(model.conv_in, nn.Conv2d) else None
 
     def __call__(self, model, x, timesteps, context, **kwargs):
         return model(x, timesteps, encoder_hidden_states=context, return_dict=False, **kwargs)[0]

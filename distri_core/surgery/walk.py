@@ -35,6 +35,7 @@ class Installed:
 
     host: LayerHost
     unit: int  # a band must span a multiple of this many input rows
+    input_halo: int = 0  # rows of the input latent the input convolution reads beyond a band
     layers: list = field(default_factory=list)
     _undo: list[Callable[[], None]] = field(default_factory=list)
 
@@ -81,9 +82,11 @@ def downsample_unit(model: nn.Module) -> int:
     return 2 ** count
 
 
-def install_layers(model: nn.Module, host: LayerHost) -> Installed:
+def install_layers(model: nn.Module, host: LayerHost, input_conv: nn.Module | None = None) -> Installed:
     """Make every spatially global layer of `model` band-aware. Raises UnsupportedModelError,
-    leaving the model untouched, when a module cannot be split."""
+    leaving the model untouched, when a module cannot be split. `input_conv`, the convolution of
+    the model's input latent, takes its halo from that input (CallContext.input_halo) instead of
+    an exchange."""
     for name, m in model.named_modules():
         if isinstance(m, _REFUSED):
             raise UnsupportedModelError(
@@ -97,7 +100,10 @@ def install_layers(model: nn.Module, host: LayerHost) -> Installed:
     try:
         for name, m in model.named_modules():
             if isinstance(m, nn.Conv2d) and conv_halo(m) > 0:
-                _set_forward(installed, m, DistriConv2d(m, host, name))
+                from_input = m is input_conv and m.stride[0] == 1
+                if from_input:
+                    installed.input_halo = conv_halo(m)
+                _set_forward(installed, m, DistriConv2d(m, host, name, from_input=from_input))
             elif isinstance(m, nn.GroupNorm):
                 _set_forward(installed, m, DistriGroupNorm(m, host, name))
             elif _is_diffusers_attention(m) and not m.is_cross_attention:

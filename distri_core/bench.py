@@ -229,6 +229,22 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     }
 
 
+def run_profile(args: argparse.Namespace) -> dict:
+    """Operators and host time per UNet call (plain UNet, each mode's sync and displaced steps)
+    at a small latent, where compute is negligible and per-call overhead shows, and at --size."""
+    from .profile import profile_task
+
+    n = max(int(r) for r in args.ranks.split(","))
+    small = 16 * n  # rows: a multiple of every bench model's downsampling unit per band
+    model = args.model if args.model in zoo.CONFIGS else f"builtin-{args.model}"
+    modes = [Mode(m).value for m in args.modes.split(",")]
+    with LocalCluster(n, threads=args.threads) as cluster:
+        rows = [cluster.run(profile_task, model, latent, modes, timeout=args.timeout)[0]
+                for latent in dict.fromkeys((small, args.size // 8))]
+    return {"benchmark": "distri_core.bench --profile", "args": vars(args), "profile": rows,
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m distri_core.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", choices=sorted(zoo.CONFIGS),
@@ -249,13 +265,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds one configuration may take")
     p.add_argument("--pool", action="store_true",
                    help="run the multi-rank configurations through the persistent WorkerPool (shows its overhead)")
+    p.add_argument("--profile", action="store_true",
+                   help="count operators and host time per UNet call instead of timing a denoising loop")
     p.add_argument("--json", default="", help="write the results here (they are also printed)")
     args = p.parse_args(argv)
     for name in ("steps", "repeat", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name}={getattr(args, name)}: use 1 or more")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    report = run_benchmark(args)
+    report = run_profile(args) if args.profile else run_benchmark(args)
     text = json.dumps(report, indent=2)
     if args.json:
         with open(args.json, "w") as f:

@@ -45,3 +45,24 @@ def test_band_timing_with_cuda_events():
     rows = band_ceiling("sd15", torch.float16, 2, sizes=(1024,), bands=(2, 4), device="cuda:0", repeats=2)
     assert [r["bands"] for r in rows] == [1, 2, 4]
     assert all(r["ms"] > 0 and r["peak_mb"] > 0 and r["host_syncs_per_call"] is not None for r in rows)
+
+
+def test_engine_calls_pass_cuda_sync_debug_mode_error():
+    # Any host-device synchronisation inside the UNet call raises in this mode.
+    from distri_core import zoo
+    from distri_core.gpucheck.solo import solo_engine
+    from distri_core.gpucheck.timing import inputs
+
+    model = zoo.build_builtin("sd15", dtype=torch.float16, device="cuda:0")
+    x, t, ctx, extra = inputs("sd15", 2, 512, torch.float16, torch.device("cuda:0"))
+    engine = solo_engine(model, 2)
+    try:
+        with torch.inference_mode():
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for _ in range(3):  # the register call, then displaced steps
+                    engine.forward_band(x, t, ctx, **extra)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        engine.close()

@@ -58,6 +58,9 @@ class CallContext:
     # The rows of this call's input latent just above and below the band (zeros past the image
     # edge), for the input convolution: every rank holds the whole current input.
     input_halo: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Each band's share of the image's rows, [parts] float32 on the compute device (made once per
+    # layout, so GroupNorm's combination copies nothing from the host per call).
+    band_weights: torch.Tensor | None = None
 
     @property
     def split(self) -> bool:

@@ -1,14 +1,17 @@
 """GroupNorm over a row band with image-wide statistics.
 
-Each band computes its per-group mean and biased variance; the image-wide values are combined
-with Chan's parallel formula (exact, and never negative), so `full_sync` and `sync_gn` equal
-`nn.GroupNorm`. After warm-up:
+Each band computes its per-group mean and biased variance in float32; the image-wide values are
+combined with Chan's parallel formula (exact, and never negative), so `full_sync` and `sync_gn`
+equal `nn.GroupNorm`. After warm-up:
 
 - `corrected_async_gn` (paper eq. 2): last step's image-wide E[x] and E[x^2], shifted by this
   band's change since last step (fresh minus stale): the step-to-step drift is mostly global;
   a negative variance estimate falls back to this band's own;
 - `stale_gn`: the other bands' last-step statistics combined with this band's fresh ones;
 - `separate_gn`: this band's statistics alone.
+
+The hot path never waits for the device: no float64, no host data copied to the device per call
+(the band weights are a device tensor made once per layout), no device value read back.
 """
 
 from __future__ import annotations
@@ -20,37 +23,38 @@ from ..config import Mode
 from .base import CallContext, DistriLayer
 
 
-def combine_stats(stats: list[torch.Tensor], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image-wide (mean, biased variance) from per-band [..., 2] (mean, variance) and sizes."""
-    s = torch.stack(stats).double()  # [P, B, G, 2]
-    w = torch.tensor(counts, dtype=torch.float64, device=s.device)
-    w = (w / w.sum()).view(-1, *([1] * (s.dim() - 2)))
+def combine_stats(stats: list[torch.Tensor], weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image-wide (mean, biased variance) from per-band [..., 2] (mean, variance) statistics and
+    each band's share of the elements (`weights`, [P], summing to 1)."""
+    s = torch.stack(stats)  # [P, B, G, 2]
+    w = weights.view(-1, *([1] * (s.dim() - 2)))
     means, variances = s[..., 0], s[..., 1]
     mean = (w * means).sum(0)
     var = (w * (variances + (means - mean) ** 2)).sum(0)
-    return mean.float(), var.float()
+    return mean, var
 
 
-def corrected_stats(stale: list[torch.Tensor], counts: list[int], rank: int, fresh: torch.Tensor):
+def corrected_stats(stale: list[torch.Tensor], weights: torch.Tensor, rank: int, fresh: torch.Tensor):
     """DistriFusion's corrected estimate: E_t ~ E_{t+1} (image) + E_t (band) - E_{t+1} (band)."""
-    old_mean, old_var = combine_stats(stale, counts)
-    s_old, s_new = stale[rank].double(), fresh.double()
-    mean = old_mean.double() + s_new[..., 0] - s_old[..., 0]
-    second = (old_var.double() + old_mean.double() ** 2) + (s_new[..., 1] + s_new[..., 0] ** 2) \
-        - (s_old[..., 1] + s_old[..., 0] ** 2)
+    old_mean, old_var = combine_stats(stale, weights)
+    s_old, s_new = stale[rank], fresh
+    mean = old_mean + s_new[..., 0] - s_old[..., 0]
+    second = (old_var + old_mean ** 2) + (s_new[..., 1] + s_new[..., 0] ** 2) - (s_old[..., 1] + s_old[..., 0] ** 2)
     var = second - mean ** 2
-    var = torch.where(var < 0, s_new[..., 1], var)
-    return mean.float(), var.float()
+    return mean, torch.where(var < 0, s_new[..., 1], var)
 
 
 def band_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This band's per-group mean and biased variance, [B, G] float64, from sums accumulated in
-    float32 (one fast pass; no copy of half-precision inputs)."""
+    """This band's per-group mean and biased variance, [B, G] float32, in one pass: a robust
+    var_mean for float32 inputs; float32 sums of x and x^2 for half-precision ones (no copy)."""
     xs = x.reshape(x.shape[0], groups, -1)
+    if x.dtype == torch.float32:
+        var, mean = torch.var_mean(xs, dim=-1, correction=0)
+        return mean, var
     n = xs.shape[-1]
-    mean = xs.sum(-1, dtype=torch.float32).double() / n
-    second = torch.linalg.vector_norm(xs, dim=-1, dtype=torch.float32).double() ** 2 / n
-    return mean, (second - mean ** 2).clamp_min(0.0)
+    mean = xs.sum(-1, dtype=torch.float32) / n
+    second = torch.linalg.vector_norm(xs, dim=-1, dtype=torch.float32).square() / n
+    return mean, (second - mean.square()).clamp_min(0.0)
 
 
 class DistriGroupNorm(DistriLayer):
@@ -65,38 +69,38 @@ class DistriGroupNorm(DistriLayer):
         b, c = x.shape[:2]
         groups, per = m.num_groups, c // m.num_groups
         mean_l, var_l = band_stats(x, groups)
-        mean_g, var_g = self._global(ctx, mean_l.float(), var_l.float(), x[0, 0].numel() * per)
-        # The native kernel normalizes with this band's statistics; a per-(batch, channel) affine
-        # turns that into normalization with the image-wide ones:
+        mean_g, var_g = self._global(ctx, mean_l, var_l)
+        # The native kernel normalizes with this band's statistics (and rounds once); a per-(batch,
+        # channel) affine turns that into normalization with the image-wide ones:
         #   (x - mg) * rg * w + b = ((x - ml) * rl) * (w * rg / rl) + (b + w * (ml - mg) * rg)
         rstd_l = torch.rsqrt(var_l + m.eps)
-        rstd_g = torch.rsqrt(var_g.double() + m.eps)
-        scale = (rstd_g / rstd_l).repeat_interleave(per, dim=1)
-        shift = ((mean_l - mean_g.double()) * rstd_g).repeat_interleave(per, dim=1)
+        rstd_g = torch.rsqrt(var_g + m.eps)
+        scale = (rstd_g / rstd_l)[:, :, None].expand(b, groups, per).reshape(b, c)
+        shift = ((mean_l - mean_g) * rstd_g)[:, :, None].expand(b, groups, per).reshape(b, c)
         if m.affine:
             with self.host.weights(m, x) as (w, bias):
-                w = w.double()
+                w = w.float()
                 scale, shift = scale * w, shift * w
                 if bias is not None:
-                    shift = shift + bias.double()
+                    shift = shift + bias.float()
         flat = x.reshape(1, b * c, *x.shape[2:])
         out = F.group_norm(flat, b * groups, scale.reshape(-1).to(x.dtype), shift.reshape(-1).to(x.dtype), m.eps)
         return out.view_as(x)
 
-    def _global(self, ctx: CallContext, mean: torch.Tensor, var: torch.Tensor, n_own: int):
+    def _global(self, ctx: CallContext, mean: torch.Tensor, var: torch.Tensor):
         mode = ctx.mode
         fresh = torch.stack([mean, var], dim=-1)
-        counts = [ctx.bands.scaled(j, n_own, ctx.rank) for j in range(ctx.bands.parts)]
+        weights = ctx.band_weights
         if ctx.sync or mode is Mode.SYNC_GN:
             keep = mode in (Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN)  # the only modes that read them stale
             views = ctx.exchanger.gather(self.name, fresh, None, keep=keep)
-            return combine_stats(views, counts)
+            return combine_stats(views, weights)
         views, _ = self.exchange(ctx, fresh)
         if mode is Mode.CORRECTED_ASYNC_GN:
-            result = corrected_stats(views, counts, ctx.rank, fresh)
+            result = corrected_stats(views, weights, ctx.rank, fresh)
         else:
             stats = list(views)
             stats[ctx.rank] = fresh
-            result = combine_stats(stats, counts)
+            result = combine_stats(stats, weights)
         self.publish(ctx, fresh)
         return result

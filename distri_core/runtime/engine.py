@@ -26,6 +26,7 @@ log = logging.getLogger("distri_core")
 class _KeyState:
     buffers: StaleBuffers
     calls: int = 0
+    band_weights: torch.Tensor | None = None  # each band's share of the rows, on the compute device
 
 
 @dataclass
@@ -64,6 +65,16 @@ class BandResult:
     chunk: tuple[int, int]
     rows: tuple[int, int]
     shape: tuple[int, ...] = field(default=())  # full output shape
+
+
+def band_weights(heights: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Each band's share of the rows as a float32 device tensor, filled on the device (one fill
+    per band: no host buffer is copied, so nothing waits for the device)."""
+    total = sum(heights)
+    weights = torch.empty(len(heights), dtype=torch.float32, device=device)
+    for j, h in enumerate(heights):
+        weights[j].fill_(h / total)
+    return weights
 
 
 class DistriUNet:
@@ -162,8 +173,10 @@ class DistriUNet:
             is_sync = call.sync if call.sync is not None else self.config.is_sync_call(state.calls)
         comm_dtype = None if self.config.comm_dtype is CommDtype.AUTO else self.config.comm_dtype.resolve(call.dtype)
 
+        if state.band_weights is None or state.band_weights.device != call.x.device:
+            state.band_weights = band_weights(call.layout.bands.heights, call.x.device)
         self.host.call = CallContext(mode, is_sync, call.band, call.layout.bands, state.buffers, comm_dtype,
-                                     call.input_halo)
+                                     call.input_halo, state.band_weights)
         state.buffers.begin_call()
         try:
             out = self.adapter(self.model, call.x, call.timesteps, call.context, **call.kwargs)

@@ -269,3 +269,24 @@ def input_conv_errors(info, family, kind, height, width, modes, comfy_path=None)
             result[mode] = [float((band - f[:, :, r0:r1]).abs().max()) for band, f, (r0, r1) in zip(seen, full, rows,
                                                                                                     strict=True)]
     return result
+
+
+def sync_collectives(info, family, kind, comfy_path=None):
+    """Blocking collectives of one synchronous call, next to the exchanging layers: (collectives,
+    layers that exchange in a sync call, GroupNorms that carry their conv's halo)."""
+    from distri_core.layers.attention import DistriKV
+    from distri_core.layers.conv import DistriConv2d
+    from distri_core.layers.groupnorm import DistriGroupNorm
+
+    unet, plain, accessor = build(family, kind, comfy_path)
+    x, t, ctx, kw = inputs(family, kind, 1, 48, 32)
+    with torch.inference_mode():
+        engine = _engine(info, unet, accessor, mode="full_sync")
+        engine.forward_band(x, t, ctx, **_fresh(kw))
+        layers = engine.installed.layers
+        exchanging = sum(1 for layer in layers if isinstance(layer, (DistriGroupNorm, DistriKV))
+                         or (isinstance(layer, DistriConv2d) and not layer.from_input))
+        carriers = sum(1 for layer in layers if isinstance(layer, DistriGroupNorm) and layer.feeds is not None)
+        result = (engine.stats.collectives, exchanging, carriers)
+        engine.close()
+    return result

@@ -88,6 +88,15 @@ def test_input_convolution_is_exact_at_every_step(cluster, comfy_arg, family, ki
             assert max(errors) < 1e-5, (mode, errors)
 
 
+@pytest.mark.parametrize("family, kind, height, width", MODELS)
+def test_a_resblock_half_pays_one_blocking_exchange(cluster, comfy_arg, family, kind, height, width):
+    # In a synchronous step a GroupNorm followed (through SiLU) by a conv sends its statistics and
+    # the conv's halo rows in one exchange: every such pair saves one blocking collective.
+    collectives, exchanging, carriers = cluster.run(tasks.sync_collectives, family, kind, size=2, **comfy_arg)[0]
+    assert carriers >= 4, carriers  # every ResBlock has two halves
+    assert collectives == exchanging - carriers, (collectives, exchanging, carriers)
+
+
 def test_warmup_and_stale_state_are_per_key(cluster):
     # cond and uncond arrive as separate calls: each key has its own warm-up and stale state,
     # so the first (1 + warmup) calls of EACH key are exact.

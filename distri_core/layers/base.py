@@ -32,6 +32,8 @@ class Exchanger(Protocol):
              tensors (so a synchronous layer can compute what does not need them meanwhile).
     stale:   last call's tensors of every rank (waits for the pending gather that brings them).
     publish: hand over this call's tensor; it is sent asynchronously, overlapping later compute.
+    provide: every rank's tensor for the next gather of a name in this call, already known (it
+             travelled inside an earlier gather): that gather sends nothing.
     """
 
     def gather(self, name: str, fresh: torch.Tensor, scaled_dim: int | None,
@@ -43,6 +45,8 @@ class Exchanger(Protocol):
     def stale(self, name: str, fresh: torch.Tensor, scaled_dim: int | None) -> list[torch.Tensor]: ...
 
     def publish(self, name: str, fresh: torch.Tensor) -> None: ...
+
+    def provide(self, name: str, rows: torch.Tensor, fresh_shape: tuple[int, ...]) -> None: ...
 
 
 @dataclass

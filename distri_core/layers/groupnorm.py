@@ -12,6 +12,12 @@ equal `nn.GroupNorm`. After warm-up:
 
 The hot path never waits for the device: no float64, no host data copied to the device per call
 (the band weights are a device tensor made once per layout), no device value read back.
+
+When a convolution follows through SiLU only (a ResBlock half: GroupNorm, SiLU, [Dropout],
+Conv3x3), a synchronous step sends the statistics and this band's edge rows of the GroupNorm's
+input in one exchange; every rank then applies the image-wide normalization and SiLU to its
+neighbours' rows itself and hands them to the convolution, which sends nothing: one blocking
+exchange per ResBlock half instead of two.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch.nn.functional as F
 
 from ..config import Mode
 from .base import CallContext, DistriLayer
+from .conv import halo_slot
 
 
 def combine_stats(stats: list[torch.Tensor], weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +65,10 @@ def band_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 class DistriGroupNorm(DistriLayer):
-    """Installed as the forward of an `nn.GroupNorm` (any input [B, C, *])."""
+    """Installed as the forward of an `nn.GroupNorm` (any input [B, C, *]). `feeds` is the
+    distributed conv that follows through SiLU (set by the surgery), whose halo it can carry."""
+
+    feeds = None
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         ctx = self.ctx
@@ -69,7 +79,10 @@ class DistriGroupNorm(DistriLayer):
         b, c = x.shape[:2]
         groups, per = m.num_groups, c // m.num_groups
         mean_l, var_l = band_stats(x, groups)
-        mean_g, var_g = self._global(ctx, mean_l, var_l)
+        if ctx.sync and self._can_carry(ctx, x):
+            mean_g, var_g = self._global_with_halo(ctx, x, mean_l, var_l)
+        else:
+            mean_g, var_g = self._global(ctx, mean_l, var_l)
         # The native kernel normalizes with this band's statistics (and rounds once); a per-(batch,
         # channel) affine turns that into normalization with the image-wide ones:
         #   (x - mg) * rg * w + b = ((x - ml) * rl) * (w * rg / rl) + (b + w * (ml - mg) * rg)
@@ -86,6 +99,42 @@ class DistriGroupNorm(DistriLayer):
         flat = x.reshape(1, b * c, *x.shape[2:])
         out = F.group_norm(flat, b * groups, scale.reshape(-1).to(x.dtype), shift.reshape(-1).to(x.dtype), m.eps)
         return out.view_as(x)
+
+    def _can_carry(self, ctx: CallContext, x: torch.Tensor) -> bool:
+        """The next conv's halo can travel with the statistics: a 4-D input and every band at
+        least as tall as the halo (no zero-filled slot rows, which SiLU would not keep zero)."""
+        conv = self.feeds
+        if conv is None or x.dim() != 4:
+            return False
+        return all(ctx.bands.scaled(j, x.shape[2], ctx.rank) >= conv.halo for j in range(ctx.bands.parts))
+
+    def _global_with_halo(self, ctx: CallContext, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor):
+        """One exchange for [statistics | edge rows of x]; the statistics go on as this layer's own
+        exchange, the neighbours' rows (normalized and activated here) as the conv's."""
+        m, conv = self.module, self.feeds
+        fresh = torch.stack([mean, var], dim=-1)
+        raw = halo_slot(x, conv.halo)
+        payload = torch.cat([fresh.reshape(-1), raw.reshape(-1).float()])
+        views = ctx.exchanger.gather(self.name + "+halo", payload, None, keep=False)
+        n = fresh.numel()
+        ctx.exchanger.provide(self.name, torch.stack([v[:n] for v in views]), tuple(fresh.shape))
+        keep = ctx.mode in (Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN)
+        mean_g, var_g = combine_stats(ctx.exchanger.gather(self.name, fresh, None, keep=keep), ctx.band_weights)
+        # Image-wide normalization as a per-(batch, channel) affine, then SiLU, on every band's rows.
+        b, c = x.shape[:2]
+        per = c // m.num_groups
+        scale = torch.rsqrt(var_g + m.eps)[:, :, None].expand(b, m.num_groups, per).reshape(b, c)
+        shift = -mean_g[:, :, None].expand(b, m.num_groups, per).reshape(b, c) * scale
+        if m.affine:
+            with self.host.weights(m, x) as (w, bias):
+                scale, shift = scale * w.float(), shift * w.float()
+                if bias is not None:
+                    shift = shift + bias.float()
+        rows = torch.stack([v[n:] for v in views]).view(len(views), *raw.shape)
+        rows = F.silu(rows * scale[None, :, :, None, None] + shift[None, :, :, None, None])
+        slot_dtype = ctx.comm_dtype or x.dtype
+        ctx.exchanger.provide(conv.name, rows.to(slot_dtype).reshape(len(views), -1), tuple(raw.shape))
+        return mean_g, var_g
 
     def _global(self, ctx: CallContext, mean: torch.Tensor, var: torch.Tensor):
         mode = ctx.mode

@@ -116,8 +116,38 @@ def install_layers(model: nn.Module, host: LayerHost, input_conv: nn.Module | No
         if isinstance(e, UnsupportedModelError):
             raise
         raise UnsupportedModelError(str(e)) from e
+    _pair_norm_and_conv(model)
     return installed
 
+
+def _pair_norm_and_conv(model: nn.Module) -> None:
+    """GroupNorm, SiLU, [Dropout in eval], Conv: a ResBlock half (an nn.Sequential in ComfyUI's
+    and the built-in UNet; norm1/conv1 and norm2/conv2 of a diffusers ResnetBlock2D without
+    up/downsampling): the norm carries the conv's halo in synchronous steps."""
+    for block in model.modules():
+        if all(hasattr(block, a) for a in ("norm1", "conv1", "norm2", "conv2", "nonlinearity")) \
+                and getattr(block, "upsample", None) is None and getattr(block, "downsample", None) is None \
+                and isinstance(block.nonlinearity, nn.SiLU) and not block.training:
+            for norm, conv in ((block.norm1, block.conv1), (block.norm2, block.conv2)):
+                _pair(norm.__dict__.get("forward"), conv.__dict__.get("forward"))
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        parts = list(seq)
+        for i, m in enumerate(parts[:-2]):
+            layer = m.__dict__.get("forward")
+            if not isinstance(layer, DistriGroupNorm) or not isinstance(parts[i + 1], nn.SiLU):
+                continue
+            j = i + 2
+            while j < len(parts) and isinstance(parts[j], (nn.Dropout, nn.Identity)) and not parts[j].training:
+                j += 1
+            _pair(layer, parts[j].__dict__.get("forward") if j < len(parts) else None)
+
+
+def _pair(norm, conv) -> None:
+    if isinstance(norm, DistriGroupNorm) and isinstance(conv, DistriConv2d) and conv.stride_h == 1 \
+            and not conv.from_input:
+        norm.feeds = conv
 
 def slice_rows(t: torch.Tensor, start: int, stop: int, height: int) -> torch.Tensor:
     """Rows of a [.., h, w] tensor that belong to latent rows [start, stop) of a `height`-row

@@ -52,12 +52,10 @@ def corrected_stats(stale: list[torch.Tensor], weights: torch.Tensor, rank: int,
 
 
 def band_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This band's per-group mean and biased variance, [B, G] float32, in one pass: a robust
-    var_mean for float32 inputs; float32 sums of x and x^2 for half-precision ones (no copy)."""
+    """This band's per-group mean and biased variance, [B, G] float32, from float32 sums of x and
+    x^2 (two plain reductions, no copy of half-precision inputs; torch.var_mean is 30x slower on
+    a CPU and, for half inputs, returns half-precision results)."""
     xs = x.reshape(x.shape[0], groups, -1)
-    if x.dtype == torch.float32:
-        var, mean = torch.var_mean(xs, dim=-1, correction=0)
-        return mean, var
     n = xs.shape[-1]
     mean = xs.sum(-1, dtype=torch.float32) / n
     second = torch.linalg.vector_norm(xs, dim=-1, dtype=torch.float32).square() / n

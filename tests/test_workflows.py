@@ -9,6 +9,8 @@ import json
 import pytest
 from workflow_runs import WORKFLOWS, generator, names
 
+VIRTUAL = {"Note", "MarkdownNote"}  # frontend-only nodes: never sent to the backend
+
 
 def test_every_workflow_has_a_thumbnail_and_an_api_twin():
     found = names()
@@ -28,12 +30,29 @@ def test_committed_files_are_what_the_generator_writes():
         assert json.loads((WORKFLOWS / "api" / f"{wf.name}.json").read_text()) == wf.api(), wf.name
 
 
+@pytest.mark.parametrize("name", names())
+def test_workflows_open_cleanly_no_overlaps_and_a_note(name):
+    # Rectangles as the frontend draws them: the title bar sits above `pos`.
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    boxes = [(n["title"], n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in ui["nodes"]]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            overlap = a[1] < b[3] and b[1] < a[3] and a[2] < b[4] and b[2] < a[4]
+            assert not overlap, f"{name}: {a[0]} overlaps {b[0]}"
+    notes = [n for n in ui["nodes"] if n["type"] == "Note"]
+    assert len(notes) == 1 and "Load Checkpoint" in notes[0]["widgets_values"][0]
+    assert "Patch Parallel Config" in notes[0]["widgets_values"][0]
+
+
 def ui_to_api(ui: dict, definitions: dict) -> dict:
     """The frontend's UI -> API conversion for these graphs, driven by ComfyUI's node definitions
     (widget values in input order, one extra value after seeds and after image upload combos)."""
     links = {lk[0]: lk for lk in ui["links"]}
     prompt = {}
     for node in ui["nodes"]:
+        if node["type"] in VIRTUAL:
+            continue
         spec = definitions[node["type"]]
         linked = {i["name"]: links[i["link"]] for i in node["inputs"] if i.get("link") is not None}
         values = list(node.get("widgets_values", []))
@@ -106,7 +125,7 @@ def test_default_titles_are_comfyuis_display_names(definitions):
 def test_ui_and_api_twins_agree_under_comfyuis_node_definitions(definitions, name):
     ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
     api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
-    missing = {n["type"] for n in ui["nodes"]} - set(definitions)
+    missing = {n["type"] for n in ui["nodes"]} - set(definitions) - VIRTUAL
     assert not missing, f"node types unknown to ComfyUI: {missing}"
     assert ui_to_api(ui, definitions) == api
     for node_id, node in api.items():  # combo values are valid choices

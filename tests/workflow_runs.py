@@ -55,6 +55,8 @@ def small_ui(name: str) -> dict:
     ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
     types = generator().NODE_TYPES
     for node in ui["nodes"]:
+        if node["type"] not in types:  # the sticky note
+            continue
         widgets = types[node["type"]]["widgets"]
         values = dict(zip(widgets, node["widgets_values"], strict=False))
         values.update(_small_inputs(name, node["type"], values))

@@ -17,6 +17,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CONTROL = "control_after_generate"  # the extra widget ComfyUI adds after a seed
 UPLOAD = "upload"  # LoadImage's upload button widget
+NOTE = "Note"  # the frontend's own sticky note (a virtual node: never in the API format)
+WIDTH, COLUMN, GAP, TITLE_BAR = 320, 360, 40, 30  # node width, column pitch, gap, title bar height
+TALL = {"CLIPTextEncode": 200, NOTE: 180}  # nodes whose widgets are taller than one line each
 
 # Node types used by the workflows: link inputs (name, type), widgets in ComfyUI's order, outputs.
 NODE_TYPES: dict[str, dict] = {
@@ -93,8 +96,8 @@ class Node:
 
 
 class Workflow:
-    def __init__(self, name: str, title: str, description: str):
-        self.name, self.title, self.description = name, title, description
+    def __init__(self, name: str, title: str, description: str, output: str):
+        self.name, self.title, self.description, self.output = name, title, description, output
         self.nodes: list[Node] = []
 
     def add(self, type_: str, pos: tuple[int, int], title: str | None = None, **widgets) -> Node:
@@ -114,9 +117,37 @@ class Workflow:
         dst.links_in[input_name] = (src.id, slot)
 
     # -- formats ---------------------------------------------------------------------------------
+    def note(self, text: str) -> Node:
+        """A sticky note in the first column saying what to change before queueing."""
+        node = Node(len(self.nodes) + 1, NOTE, {"text": text}, (40, -260), "What to change")
+        self.nodes.append(node)
+        return node
+
+    @staticmethod
+    def size(n: Node) -> list[int]:
+        widgets = len(NODE_TYPES[n.type]["widgets"]) if n.type in NODE_TYPES else 1
+        return [WIDTH, TALL.get(n.type, 60 + 26 * (widgets + 2))]
+
+    def layout(self) -> dict[int, list[int]]:
+        """Positions with no overlap: x snapped to columns COLUMN apart (wider than a node), and in
+        each column the nodes stacked in their declared order from their declared y, GAP apart."""
+        placed: dict[int, list[int]] = {}
+        columns: dict[int, list[Node]] = {}
+        for n in self.nodes:
+            columns.setdefault(max(0, round((n.pos[0] - 40) / COLUMN)), []).append(n)
+        for col, nodes in columns.items():
+            bottom = None
+            for n in sorted(nodes, key=lambda n: n.pos[1]):
+                y = n.pos[1] if bottom is None else max(n.pos[1], bottom + GAP + TITLE_BAR)
+                placed[n.id] = [40 + col * COLUMN, y]
+                bottom = y + self.size(n)[1]
+        return placed
+
     def api(self) -> dict:
         out = {}
         for n in self.nodes:
+            if n.type == NOTE:
+                continue
             inputs = dict(n.widgets)
             for name, (src, slot) in n.links_in.items():
                 inputs[name] = [str(src), slot]
@@ -134,7 +165,14 @@ class Workflow:
                               spec[name]])
                 out_links.setdefault((src, slot), []).append(link_id)
         link_of = {(lk[3], lk[4]): lk[0] for lk in links}
+        at = self.layout()
         for order, n in enumerate(self.nodes):
+            if n.type == NOTE:
+                ui_nodes.append({"id": n.id, "type": NOTE, "pos": at[n.id], "size": self.size(n), "flags": {},
+                                 "order": order, "mode": 0, "inputs": [], "outputs": [], "properties": {},
+                                 "widgets_values": [n.widgets["text"]], "title": n.title, "color": "#432",
+                                 "bgcolor": "#653"})
+                continue
             spec = NODE_TYPES[n.type]
             values = []
             for w in spec["widgets"]:
@@ -143,7 +181,7 @@ class Workflow:
                       for i, (name, typ) in enumerate(spec["inputs"])]
             outputs = [{"name": name, "type": typ, "links": out_links.get((n.id, i), []), "slot_index": i}
                        for i, (name, typ) in enumerate(spec["outputs"])]
-            node = {"id": n.id, "type": n.type, "pos": list(n.pos), "size": [320, 60 + 26 * (len(values) + 2)],
+            node = {"id": n.id, "type": n.type, "pos": at[n.id], "size": self.size(n),
                     "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
                     "properties": {"Node name for S&R": n.type}, "widgets_values": values, "title": n.title}
             ui_nodes.append(node)
@@ -158,6 +196,12 @@ def _prompts(wf: Workflow, clip: Node, positive: str, negative: str) -> tuple[No
     wf.connect(clip, "CLIP", pos, "clip")
     wf.connect(clip, "CLIP", neg, "clip")
     return pos, neg
+
+
+def _note(wf: Workflow, checkpoint: str, size: str, extra: str = "") -> Node:
+    return wf.note(f"Before you queue:\n- Load Checkpoint: pick your {checkpoint} model.\n- {size}\n"
+                   "- Patch Parallel Config: 'auto' uses every GPU; list them ('cuda:0,cuda:1') or set ranks to "
+                   "use fewer. full_sync gives exactly KSampler's image." + (f"\n- {extra}" if extra else ""))
 
 
 def _config(wf: Workflow, pos=(420, 580), **overrides) -> Node:
@@ -191,7 +235,8 @@ SD15 = "v1-5-pruned-emaonly.safetensors"
 
 def sdxl_txt2img() -> Workflow:
     wf = Workflow("sdxl_txt2img_2048", "SDXL txt2img at 2048x2048 on every GPU",
-                  "Distri Sampler replaces KSampler; Patch Parallel Config uses every GPU.")
+                  "Distri Sampler replaces KSampler; Patch Parallel Config uses every GPU.", "image, 2048x2048")
+    _note(wf, "SDXL", "Empty Latent Image: the image size (SDXL: multiples of 32 px per GPU band).")
     ckpt = wf.add("CheckpointLoaderSimple", (40, 200), ckpt_name=SDXL)
     pos, neg = _prompts(wf, ckpt, "a lighthouse on a cliff at dawn, ultra detailed, 8k photograph",
                         "blurry, low quality, watermark")
@@ -204,7 +249,9 @@ def sdxl_txt2img() -> Workflow:
 
 def sd15_hires_fix() -> Workflow:
     wf = Workflow("sd15_hires_fix", "SD1.5 hires fix: 512 first pass, 2x second pass on every GPU",
-                  "A normal KSampler first pass, an upscaled latent, and Distri Sampler for the large second pass.")
+                  "A normal KSampler first pass, an upscaled latent, and Distri Sampler for the large second pass.",
+                  "image, 1024x1024")
+    _note(wf, "SD1.5", "Empty Latent Image: the first pass size; Upscale Latent By: the factor of the second.")
     ckpt = wf.add("CheckpointLoaderSimple", (40, 200), ckpt_name=SD15)
     pos, neg = _prompts(wf, ckpt, "a cozy reading nook with a cat, warm light, detailed", "lowres, bad anatomy")
     latent = wf.add("EmptyLatentImage", (40, 420), width=512, height=512, batch_size=1)
@@ -223,7 +270,10 @@ def sd15_hires_fix() -> Workflow:
 
 def img2img_upscale() -> Workflow:
     wf = Workflow("img2img_upscale", "Upscale an image 2x and refine it on every GPU",
-                  "LoadImage, 2x image upscale, VAEEncode and a low-denoise Distri Sampler pass.")
+                  "LoadImage, 2x image upscale, VAEEncode and a low-denoise Distri Sampler pass.",
+                  "image, 2x the input")
+    _note(wf, "SDXL", "Load Image: your picture; Upscale Image By: the factor.",
+          "Distri Sampler's denoise: how much the pass may change (0.3-0.5 keeps the picture).")
     ckpt = wf.add("CheckpointLoaderSimple", (40, 200), ckpt_name=SDXL)
     pos, neg = _prompts(wf, ckpt, "a sharp, detailed photograph", "blurry, jpeg artifacts")
     image = wf.add("LoadImage", (40, 500), image="example.png")
@@ -240,7 +290,9 @@ def img2img_upscale() -> Workflow:
 
 def inpainting() -> Workflow:
     wf = Workflow("inpainting", "Inpaint with an SD1.5 inpainting model on every GPU",
-                  "LoadImage with a painted mask, InpaintModelConditioning and Distri Sampler (9-channel UNet).")
+                  "LoadImage with a painted mask, InpaintModelConditioning and Distri Sampler (9-channel UNet).",
+                  "image, the input's size")
+    _note(wf, "SD1.5 inpainting", "Load Image: your picture; paint the mask in its editor (right click).")
     ckpt = wf.add("CheckpointLoaderSimple", (40, 200), ckpt_name="sd-v1-5-inpainting.ckpt")
     pos, neg = _prompts(wf, ckpt, "a stone fountain in a garden", "blurry, distorted")
     image = wf.add("LoadImage", (40, 500), image="example.png")
@@ -257,7 +309,9 @@ def inpainting() -> Workflow:
 def lora_controlnet() -> Workflow:
     wf = Workflow("lora_controlnet", "LoRA and ControlNet with Distri Sampler",
                   "A LoRA-patched SD1.5 model and a ControlNet; the workers get the patched weights and each GPU "
-                  "its band of the ControlNet residuals.")
+                  "its band of the ControlNet residuals.", "image, 1024x1024")
+    _note(wf, "SD1.5", "Empty Latent Image: the image size.",
+          "Load LoRA, Load ControlNet Model, Load Image: your LoRA, ControlNet and its hint image.")
     ckpt = wf.add("CheckpointLoaderSimple", (40, 200), ckpt_name=SD15)
     lora = wf.add("LoraLoader", (40, 400), lora_name="my_style_lora.safetensors", strength_model=0.8,
                   strength_clip=0.8)
@@ -280,7 +334,9 @@ def lora_controlnet() -> Workflow:
 def distri_model_custom() -> Workflow:
     wf = Workflow("distri_model_sampler_custom", "Distri Model feeding SamplerCustomAdvanced",
                   "Distri Model patches the model; any sampler node (here SamplerCustomAdvanced) then runs its UNet "
-                  "on every GPU.")
+                  "on every GPU.", "image, 2048x2048")
+    _note(wf, "SDXL", "Empty Latent Image: the image size.",
+          "Any sampler node works after Distri Model: swap SamplerCustomAdvanced for yours.")
     ckpt = wf.add("CheckpointLoaderSimple", (40, 200), ckpt_name=SDXL)
     pos, neg = _prompts(wf, ckpt, "an isometric diorama of a tiny island village", "blurry, low quality")
     dm = wf.add("DistriModel", (860, 0))
@@ -307,7 +363,8 @@ WORKFLOWS = [sdxl_txt2img, sd15_hires_fix, img2img_upscale, inpainting, lora_con
 
 
 def thumbnail(wf: Workflow, path: Path) -> None:
-    """A 256x256 card: the title and the image cut into four coloured row bands."""
+    """A 256x256 card: the title, the image cut into four coloured row bands (one per GPU), and what
+    the workflow outputs. A diagram, not a picture the workflow made (there are no weights here)."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (256, 256), (24, 26, 33))
@@ -325,7 +382,8 @@ def thumbnail(wf: Workflow, path: Path) -> None:
     lines.append(line)
     for i, text in enumerate(lines[:4]):
         draw.text((12, 14 + 16 * i), text, fill=(235, 235, 235))
-    draw.text((12, 236), "Distri Patch Parallel", fill=(150, 150, 160))
+    draw.text((12, 222), f"output: {wf.output}", fill=(200, 200, 210))
+    draw.text((12, 238), "Distri Patch Parallel (a diagram, not its output)", fill=(150, 150, 160))
     img.save(path, "JPEG", quality=85)
 
 

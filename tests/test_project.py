@@ -55,3 +55,30 @@ def test_engine_and_pool_import_without_comfyui(tmp_path):
     (tmp_path / "distri_core").symlink_to(ROOT / "distri_core")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+
+
+def test_unsupported_platform_gets_one_clear_message_and_no_nodes():
+    code = (
+        "import sys, logging, importlib.util\n"
+        "logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')\n"
+        "sys.platform = 'win32'\n"
+        f"spec = importlib.util.spec_from_file_location('pack', {str(ROOT / '__init__.py')!r})\n"
+        "pack = importlib.util.module_from_spec(spec); spec.loader.exec_module(pack)\n"
+        "print('entrypoint' if hasattr(pack, 'comfy_entrypoint') else 'no nodes')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.strip() == "no nodes", done.stdout + done.stderr
+    assert "ERROR Distri Patch Parallel needs Linux (this is win32)" in done.stderr
+    assert "WSL2" in done.stderr
+
+
+def test_registry_validation_passes_offline():
+    import os
+
+    comfy = shutil.which("comfy", path=str(Path(sys.executable).parent)) or shutil.which("comfy")
+    if comfy is None:
+        pytest.skip("comfy-cli is not installed: pip install -e '.[test]'")
+    env = dict(os.environ, DO_NOT_TRACK="1", COMFY_NO_UPDATE_CHECK="1")
+    done = subprocess.run([comfy, "--skip-prompt", "node", "validate"], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=300)
+    assert done.returncode == 0 and "All validation checks passed" in done.stdout + done.stderr, done.stdout + done.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import logging
 import os
 import pickle
@@ -84,8 +85,8 @@ class Worker:
         options = {}
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-            if args.backend == "nccl":
-                options["device_id"] = self.device  # communicators are created now, not at first use
+            if args.backend == "nccl" and "device_id" in inspect.signature(dist.init_process_group).parameters:
+                options["device_id"] = self.device  # communicators are created now (torch 2.3+); touch_groups checks
         dist.init_process_group(args.backend, init_method=f"file://{args.store}", rank=self.rank,
                                 world_size=self.world, timeout=timedelta(seconds=args.comm_timeout), **options)
         self.groups = build_groups()

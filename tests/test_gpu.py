@@ -66,3 +66,11 @@ def test_engine_calls_pass_cuda_sync_debug_mode_error():
                 torch.cuda.set_sync_debug_mode("default")
     finally:
         engine.close()
+
+
+def test_doctor_on_this_gpu_machine():
+    from distri_core.doctor import run
+
+    report = run(quick=True)
+    assert report["verdict"]["ok"], report["verdict"]
+    assert report["devices"][0].startswith("cuda")

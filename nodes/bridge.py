@@ -92,17 +92,32 @@ class RunState:
                     "busy_s": 0.0, "started": time.time()}
         notify(self.run)
 
-    def progress(self, step: int | None) -> None:
+    def progress(self, step: int | None, sync: bool | None = None) -> None:
         run = self.run
         run["calls"] += 1
-        if self.pool is not None and self.pool.last_call:
-            run["busy_s"] += self.pool.last_call.get("busy_s", 0.0)
+        last = self.pool.last_call if self.pool is not None else {}
+        if last:
+            run["busy_s"] += last.get("busy_s", 0.0)
         if step is not None:
             run["step"] = step
+            self._log_step(run, step, bool(sync), last)
         elapsed = time.time() - run["started"]
         if run["step"]:
             run["sec_per_step"] = elapsed / run["step"]
         notify(run)
+
+    def _log_step(self, run: dict, step: int, sync: bool, last: dict) -> None:
+        """Per step of the run (for the panel's chart): pool seconds, whether it was exact, and
+        each rank's time blocked on communication."""
+        log = run.setdefault("step_log", [])
+        if not log or log[-1]["step"] != step:
+            log.append({"step": step, "seconds": 0.0, "sync": sync, "calls": 0, "wait_s": []})
+        entry = log[-1]
+        entry["calls"] += 1
+        entry["sync"] = entry["sync"] or sync
+        entry["seconds"] = round(entry["seconds"] + last.get("seconds", 0.0), 4)
+        waits = last.get("wait_s_per_rank") or []
+        entry["wait_s"] = [round(a + b, 4) for a, b in zip(entry["wait_s"] or [0.0] * len(waits), waits, strict=True)]
 
     def finish(self, outcome: str) -> None:
         run = self.run
@@ -132,6 +147,11 @@ class RunState:
         """Exact context for the first step plus warm-up steps of this sampling run (per step,
         so samplers that call the model twice a step count steps, not calls)."""
         return None if step is None else step <= self.settings.config.warmup_steps
+
+    def exact_step(self, step: int | None) -> bool:
+        """Whether this step runs with exact (synchronous) context, for the panel."""
+        mode = self.settings.config.mode
+        return mode.value == "full_sync" or (mode.communicates and step is not None and self.sync_for(step))
 
     @staticmethod
     def step_of(transformer_options: dict) -> int | None:
@@ -204,7 +224,7 @@ def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transfo
         extra["control"] = {k: list(v) for k, v in control.items()}
     step = RunState.step_of(transformer_options)
     out = state.pool(x, timesteps, context, key=key, sync=state.sync_for(step), **extra)
-    state.progress(step)
+    state.progress(step, state.exact_step(step))
     return out
 
 

@@ -91,21 +91,26 @@ def register() -> None:
 
 
 def split_plan(devices: str, ranks: int, width: int, height: int, cfg_split: str, cfg_on: bool) -> dict:
-    """How an image of width x height pixels is cut: groups of ranks, batch halves, row bands.
-    Bands are sized for SD1.x/SD2.x UNets (64-pixel rows; SDXL's 32-pixel alignment is finer)."""
-    from distri_core import PatchParallelConfig, make_layout
+    """How an image of width x height pixels is cut: groups of ranks, batch halves, row bands, as the
+    engine will cut it: the band unit of the model the pool holds (else SDXL's 32 px, the finest
+    of the supported UNets) and the smaller band for a rank on ComfyUI's own GPU."""
+    from distri_core import make_layout
+    from distri_core.runtime.pool import current_pool
 
-    from .bridge import resolve_devices
-    from .config_node import CFG_SPLIT
+    from .config_node import build_settings
 
-    resolved = resolve_devices(devices, ranks)
-    config = PatchParallelConfig(world_size=len(resolved), cfg_split=CFG_SPLIT[cfg_split])
-    layout = make_layout(len(resolved), 2 if cfg_on else 1, height // 8, 8, config.split_cfg_possible)
+    settings = build_settings(devices, ranks, "corrected_async_gn", 4, cfg_split, "auto", "error")
+    config, resolved = settings.config, settings.devices
+    pool = current_pool()
+    unit = (pool.model_info.get("unit") if pool is not None else None) or 4
+    layout = make_layout(len(resolved), 2 if cfg_on else 1, height // 8, unit, config.split_cfg_possible,
+                         config.light_ranks)
     groups = []
     for members, chunk in zip(layout.groups, layout.chunks, strict=True):
-        bands = [{"rank": r, "device": resolved[r], "rows_px": [layout.bands.rows(i)[0] * 8, layout.bands.rows(i)[1] * 8]}
-                 for i, r in enumerate(members)]
+        bands = [{"rank": r, "device": resolved[r], "rows_px": [layout.bands.rows(i)[0] * 8, layout.bands.rows(i)[1] * 8],
+                  "shares_comfyui_gpu": r in config.light_ranks} for i, r in enumerate(members)]
         groups.append({"branch": ("cond" if chunk[0] == 0 else "uncond") if len(layout.groups) > 1 else "both",
                        "bands": bands})
     return {"width": width, "height": height, "ranks": len(resolved), "cfg_split": len(layout.groups) > 1,
-            "groups": groups}
+            "unit_px": unit * 8, "unit_from": "the loaded model" if pool is not None and pool.model_info.get("unit")
+            else "SDXL's (no model loaded yet)", "groups": groups}

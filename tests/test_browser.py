@@ -76,6 +76,9 @@ def test_panel_shows_workers_and_the_last_run(comfy_server, page):
     text = panel.inner_text()
     assert "ready" in text and "cpu" in text and "alive" in text, text
     assert "last run" in text and "s/step" in text, text
+    # the per-step chart of the run: one bar per step (2 steps in the small workflow)
+    bars = page.evaluate("() => document.querySelectorAll('.distri-panel svg.distri-chart rect.distri-bar').length")
+    assert bars == 2, bars
     page.screenshot(path=str(ARTIFACTS / "panel.png"))
 
 
@@ -86,4 +89,9 @@ def test_config_node_previews_the_split(page):
         timeout=20_000)
     text = page.evaluate("() => document.querySelector('.distri-split-preview').textContent")
     assert "128x128" in text and "2 rank(s)" in text and "CFG split" in text, text
+    # the picture: one band per rank per CFG half, drawn (coloured pixels on the canvas)
+    drawn = page.evaluate("""() => { const c = document.querySelector('canvas.distri-split-picture');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
+        for (let i = 0; i < d.length; i += 4) if (d[i + 3] > 0) n++; return [Number(c.dataset.bands), n]; }""")
+    assert drawn[0] == 2 and drawn[1] > 2000, drawn
     page.screenshot(path=str(ARTIFACTS / "config_preview.png"))

@@ -176,3 +176,17 @@ def test_torch_compile_before_is_removed_with_a_warning_and_after_is_refused(env
     noise = cs.RandomNoise.execute(1).args[0]
     with pytest.raises(UnsupportedInputError, match="TorchCompileModel is connected after Distri Model"):
         cs.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, comfy_host.latent(H, W))
+
+
+def test_split_preview_cuts_as_the_engine_does(env):
+    # The preview used a fixed 64-pixel unit (SD1.x) for every model: for SDXL on 3 ranks at 2048 px
+    # it showed 704/704/640 px while the run used 704/672/672.
+    from distri_core import make_layout
+    from distri_patch_parallel_pack.nodes.server_routes import split_plan
+
+    plan = split_plan("cpu", 3, 2048, 2048, "off", True)
+    heights = [b["rows_px"][1] - b["rows_px"][0] for b in plan["groups"][0]["bands"]]
+    engine = make_layout(3, 2, 256, plan["unit_px"] // 8, False).bands.heights
+    assert heights == [h * 8 for h in engine] and plan["unit_px"] in (32, 64), (heights, plan)
+    if plan["unit_px"] == 32:
+        assert heights == [704, 672, 672]

@@ -1,9 +1,39 @@
-// Distri Patch Parallel: under each Patch Parallel Config node, show how the image will be cut
-// (row bands per GPU, CFG split) for the size of the latent the connected sampler receives.
+// Distri Patch Parallel: under each Patch Parallel Config node, draw how the image will be cut
+// (each GPU's row band in its own colour, CFG halves side by side, band heights in pixels) for the
+// size of the latent the connected sampler receives, with one line of text below.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const WIDGETS = ["devices", "ranks", "cfg_split"];
+const COLOURS = ["#4682b4", "#3caa71", "#daa520", "#cd5c5c", "#8a6dc9", "#2bb0b8", "#d98040", "#9aa0a6"];
+
+// The image as a rectangle per CFG branch, each band filled in its rank's colour.
+function drawPlan(canvas, plan) {
+  const g = canvas.getContext("2d");
+  const W = canvas.width, H = canvas.height, gap = 10, top = 16;
+  g.clearRect(0, 0, W, H);
+  g.font = "11px sans-serif";
+  const n = plan.groups.length;
+  const slot = (W - gap * (n + 1)) / n;
+  const aspect = plan.height / plan.width;
+  const bh = Math.min(H - top - 4, slot * aspect), bw = bh / aspect;
+  plan.groups.forEach((group, gi) => {
+    const x0 = gap + gi * (slot + gap) + (slot - bw) / 2;
+    g.fillStyle = "#ccc";
+    g.fillText(group.branch === "both" ? `${plan.width}x${plan.height}` : `${group.branch} (${plan.width}x${plan.height})`, x0, 11);
+    for (const band of group.bands) {
+      const [r0, r1] = band.rows_px;
+      const y = top + (bh * r0) / plan.height, h = (bh * (r1 - r0)) / plan.height;
+      g.fillStyle = COLOURS[band.rank % COLOURS.length];
+      g.fillRect(x0, y, bw, Math.max(1, h - 1));
+      if (h >= 12) {
+        g.fillStyle = "#fff";
+        g.fillText(`${band.device}: ${r1 - r0} px${band.shares_comfyui_gpu ? " (ComfyUI's GPU)" : ""}`, x0 + 4,
+                   y + Math.min(h / 2 + 4, h - 2));
+      }
+    }
+  });
+}
 
 function widget(node, name) {
   return node.widgets?.find((w) => w.name === name);
@@ -31,7 +61,7 @@ function latentSize(node) {
   return { width: 1024, height: 1024, cfg: 2, guessed: true };
 }
 
-async function update(node, el) {
+async function update(node, view) {
   const size = latentSize(node);
   const q = new URLSearchParams({
     devices: widget(node, "devices")?.value ?? "auto",
@@ -42,18 +72,18 @@ async function update(node, el) {
   try {
     const plan = await (await api.fetchApi(`/distri/plan?${q}`)).json();
     if (plan.error) {
-      el.textContent = `Split for ${size.width}x${size.height}: ${plan.error}`;
+      view.canvas.style.display = "none";
+      view.text.textContent = `Split for ${size.width}x${size.height}: ${plan.error}`;
       return;
     }
-    const lines = [`${plan.width}x${plan.height}${size.guessed ? " (no latent connected yet)" : ""}: ` +
-                   `${plan.ranks} rank(s)${plan.cfg_split ? ", CFG split" : ""}`];
-    for (const g of plan.groups) {
-      const bands = g.bands.map((b) => `${b.device} rows ${b.rows_px[0]}-${b.rows_px[1]}`).join("; ");
-      lines.push(`${g.branch}: ${bands}`);
-    }
-    el.textContent = lines.join("\n");
+    view.canvas.style.display = "";
+    drawPlan(view.canvas, plan);
+    view.canvas.dataset.bands = plan.groups.reduce((n, g) => n + g.bands.length, 0);
+    view.text.textContent = `${plan.width}x${plan.height}${size.guessed ? " (no latent connected yet)" : ""}: ` +
+      `${plan.ranks} rank(s)${plan.cfg_split ? ", CFG split" : ""}; bands in rows of ${plan.unit_px} px ` +
+      `(${plan.unit_from})`;
   } catch (e) {
-    el.textContent = "split preview unavailable";
+    view.text.textContent = "split preview unavailable";
   }
 }
 
@@ -63,9 +93,20 @@ app.registerExtension({
     if (node.comfyClass !== "DistriPatchParallelConfig") return;
     const el = document.createElement("div");
     el.className = "distri-split-preview";
-    el.style.cssText = "white-space: pre-wrap; font-size: 11px; opacity: 0.85; padding: 2px 4px;";
-    node.addDOMWidget("split_preview", "distri_preview", el, { serialize: false, hideOnZoom: true });
-    const refresh = () => update(node, el);
+    el.style.cssText = "font-size: 11px; padding: 2px 4px;";
+    const canvas = document.createElement("canvas");
+    canvas.className = "distri-split-picture";
+    canvas.width = 280;
+    canvas.height = 150;
+    canvas.style.cssText = "width: 100%; max-width: 280px; display: block;";
+    const text = document.createElement("div");
+    text.style.cssText = "white-space: pre-wrap; opacity: 0.85;";
+    el.append(canvas, text);
+    node.addDOMWidget("split_preview", "distri_preview", el, {
+      serialize: false, hideOnZoom: true, getMinHeight: () => 190, getMaxHeight: () => 190,
+    });
+    node.setSize?.([Math.max(node.size[0], 300), node.computeSize()[1]]);
+    const refresh = () => update(node, { canvas, text });
     for (const name of WIDGETS) {
       const w = widget(node, name);
       if (!w) continue;

@@ -8,6 +8,32 @@ const esc = (s) => String(s ?? "").replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<
 
 let status = { state: "not started", workers: [] };
 let root = null;
+let previous = null; // the step log of the run before the current one, for comparison
+
+// Seconds per step of a run as bars (exact/synchronous steps in amber), the longest time a rank
+// was blocked on communication in each step in red at the bottom, the previous run as a grey line.
+function chart(run) {
+  const log = run.step_log || [];
+  if (!log.length) return "";
+  const W = 300, H = 90, base = H - 14;
+  const n = Math.max(log.length, run.steps || 0, previous?.length || 0);
+  const all = [...log, ...(previous || [])].map((s) => s.seconds);
+  const top = Math.max(...all, 1e-6);
+  const bw = W / n;
+  const y = (v) => base - (v / top) * (base - 4);
+  const bars = log.map((s, i) => {
+    const wait = Math.max(0, ...(s.wait_s || []));
+    return `<rect class="distri-bar" x="${(i * bw).toFixed(1)}" y="${y(s.seconds).toFixed(1)}" width="${Math.max(1, bw - 1).toFixed(1)}"
+              height="${(base - y(s.seconds)).toFixed(1)}" fill="${s.sync ? "#d9a441" : "#4a90d9"}"><title>step ${s.step}: ${s.seconds.toFixed(3)} s${s.sync ? " (exact)" : ""}, blocked up to ${wait.toFixed(3)} s</title></rect>
+            <rect x="${(i * bw).toFixed(1)}" y="${y(wait).toFixed(1)}" width="${Math.max(1, bw - 1).toFixed(1)}" height="${(base - y(wait)).toFixed(1)}" fill="#c0392b" opacity="0.8"/>`;
+  }).join("");
+  const line = previous?.length ? `<polyline fill="none" stroke="#999" stroke-width="1" points="${previous.map((s, i) =>
+    `${(i * bw + bw / 2).toFixed(1)},${y(s.seconds).toFixed(1)}`).join(" ")}"/>` : "";
+  return `<svg class="distri-chart" width="${W}" height="${H}" data-steps="${log.length}">
+      ${bars}${line}
+      <text x="0" y="${H - 2}" font-size="9" fill="#aaa">s/step (max ${top.toFixed(2)} s) · amber exact · red blocked · grey previous run</text>
+    </svg>`;
+}
 
 function memoryText(mem) {
   if (!mem) return "-";
@@ -42,6 +68,7 @@ function draw() {
       ${cfg ? `<div>${cfg.world_size} rank(s), ${esc(cfg.mode)}, warm-up ${cfg.warmup_steps}, comm ${esc(cfg.comm_dtype)}</div>` : ""}
       <div>model: ${esc(s.model ?? "none loaded")}${s.model_mb ? ` (${fmtMB(s.model_mb)} per worker)` : ""}</div>
       <div class="distri-run">${esc(runText)}</div>
+      ${chart(run)}
       ${s.last_error ? `<div class="distri-err">last error: ${esc(s.last_error)}</div>` : ""}
       <table class="distri-workers">
         <thead><tr><th>rank</th><th>device</th><th>pid</th><th>state</th><th>memory</th><th>calls</th><th>error</th></tr></thead>
@@ -55,7 +82,7 @@ async function refresh() {
     const res = await api.fetchApi("/distri/status");
     if (res.ok) {
       const fresh = await res.json();
-      status = { ...fresh, run: status.run };
+      status = { ...fresh, run: status.run?.state ? status.run : fresh.run };
       draw();
     }
   } catch (e) {
@@ -81,6 +108,10 @@ app.registerExtension({
   name: "distri.PatchParallel.Panel",
   async setup() {
     api.addEventListener("distri.status", (event) => {
+      const run = event.detail.run;
+      if (run?.started && status.run?.started && run.started !== status.run.started && status.run.step_log?.length) {
+        previous = status.run.step_log;
+      }
       status = { ...status, ...event.detail };
       draw();
     });

@@ -220,7 +220,7 @@ class WorkerPool:
                 replies = self._guard(lambda: ship_chunked(self._workers, msg, weights, timeout, self.interrupt_check,
                                                            self.chunk_bytes))
             self.model_key = key
-            self.model_info = {k: replies[0].get(k) for k in ("out_channels", "param_mb")}
+            self.model_info = {k: replies[0].get(k) for k in ("out_channels", "param_mb", "unit")}
             self.model_info["label"] = label or str(key)
             return self.model_info
 
@@ -272,7 +272,8 @@ class WorkerPool:
                               # Busy time: on a GPU from CUDA events (kernel time minus the time the
                               # stream waited for a collective), else host time minus blocked time.
                               "busy_s": sum(r["device_s"] - r["wait_s"] for r in replies),
-                              "wait_s": max(r["wait_s"] for r in replies)}
+                              "wait_s": max(r["wait_s"] for r in replies),
+                              "wait_s_per_rank": [r["wait_s"] for r in replies]}
             return out.to(x.device) if x.device.type != "cpu" else out
 
     def end_run(self) -> None:

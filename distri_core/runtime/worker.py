@@ -233,7 +233,9 @@ class Worker:
             self._build_engine()
         config = getattr(model, "config", None)
         out_channels = getattr(config, "out_channels", None) if config is not None else getattr(model, "out_channels", None)
-        return {"out_channels": out_channels,
+        from ..surgery.walk import downsample_unit
+
+        return {"out_channels": out_channels, "unit": downsample_unit(model),
                 "param_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20, 1)}
 
     def _build_engine(self) -> None:

@@ -181,8 +181,9 @@ def test_torch_compile_before_is_removed_with_a_warning_and_after_is_refused(env
 def test_split_preview_cuts_as_the_engine_does(env):
     # The preview used a fixed 64-pixel unit (SD1.x) for every model: for SDXL on 3 ranks at 2048 px
     # it showed 704/704/640 px while the run used 704/672/672.
-    from distri_core import make_layout
     from distri_patch_parallel_pack.nodes.server_routes import split_plan
+
+    from distri_core import make_layout
 
     plan = split_plan("cpu", 3, 2048, 2048, "off", True)
     heights = [b["rows_px"][1] - b["rows_px"][0] for b in plan["groups"][0]["bands"]]

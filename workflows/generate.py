@@ -99,6 +99,7 @@ class Workflow:
     def __init__(self, name: str, title: str, description: str, output: str):
         self.name, self.title, self.description, self.output = name, title, description, output
         self.nodes: list[Node] = []
+        self.note_text = ""
 
     def add(self, type_: str, pos: tuple[int, int], title: str | None = None, **widgets) -> Node:
         spec = NODE_TYPES[type_]
@@ -117,11 +118,15 @@ class Workflow:
         dst.links_in[input_name] = (src.id, slot)
 
     # -- formats ---------------------------------------------------------------------------------
-    def note(self, text: str) -> Node:
-        """A sticky note in the first column saying what to change before queueing."""
-        node = Node(len(self.nodes) + 1, NOTE, {"text": text}, (40, -260), "What to change")
-        self.nodes.append(node)
-        return node
+    def note(self, text: str) -> None:
+        """A sticky note in the first column saying what to change before queueing (added last in
+        the UI format, so the other nodes keep their ids; never in the API format)."""
+        self.note_text = text
+
+    def ui_nodes(self) -> list[Node]:
+        if not self.note_text:
+            return list(self.nodes)
+        return [*self.nodes, Node(len(self.nodes) + 1, NOTE, {"text": self.note_text}, (40, -260), "What to change")]
 
     @staticmethod
     def size(n: Node) -> list[int]:
@@ -133,7 +138,7 @@ class Workflow:
         each column the nodes stacked in their declared order from their declared y, GAP apart."""
         placed: dict[int, list[int]] = {}
         columns: dict[int, list[Node]] = {}
-        for n in self.nodes:
+        for n in self.ui_nodes():
             columns.setdefault(max(0, round((n.pos[0] - 40) / COLUMN)), []).append(n)
         for col, nodes in columns.items():
             bottom = None
@@ -146,8 +151,6 @@ class Workflow:
     def api(self) -> dict:
         out = {}
         for n in self.nodes:
-            if n.type == NOTE:
-                continue
             inputs = dict(n.widgets)
             for name, (src, slot) in n.links_in.items():
                 inputs[name] = [str(src), slot]
@@ -166,7 +169,7 @@ class Workflow:
                 out_links.setdefault((src, slot), []).append(link_id)
         link_of = {(lk[3], lk[4]): lk[0] for lk in links}
         at = self.layout()
-        for order, n in enumerate(self.nodes):
+        for order, n in enumerate(self.ui_nodes()):
             if n.type == NOTE:
                 ui_nodes.append({"id": n.id, "type": NOTE, "pos": at[n.id], "size": self.size(n), "flags": {},
                                  "order": order, "mode": 0, "inputs": [], "outputs": [], "properties": {},
@@ -185,7 +188,7 @@ class Workflow:
                     "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
                     "properties": {"Node name for S&R": n.type}, "widgets_values": values, "title": n.title}
             ui_nodes.append(node)
-        return {"last_node_id": len(self.nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
+        return {"last_node_id": len(ui_nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
                 "groups": [], "config": {}, "extra": {"distri": {"title": self.title, "description": self.description}},
                 "version": 0.4}
 

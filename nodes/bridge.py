@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import comfy.model_management
 import comfy.patcher_extension
 import torch
+from comfy.ldm.flux.model import Flux
 
 from distri_core import PatchParallelConfig
 from distri_core.layers.attention import UnsupportedInputError
 from distri_core.runtime.pool import Cancelled, WorkerPool, available_devices, shared_pool
-from distri_core.surgery.adapters import ComfyUNetAdapter
+from distri_core.surgery.adapters import ComfyFluxAdapter, ComfyUNetAdapter
 
 from .host import HostWithoutUNet, hostless, pool_memory_estimate, track_pool_memory
 from .server_routes import notify
@@ -228,6 +229,31 @@ def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transfo
     return out
 
 
+def flux_model_wrapper(executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
+                       transformer_options={}, **kwargs):
+    """Replaces a Flux transformer call (its own signature): the pool computes it, band by band."""
+    state: RunState = transformer_options[KEY]
+    comfy.model_management.throw_exception_if_processing_interrupted()
+    if ref_latents is not None:
+        raise UnsupportedInputError(explain(["reference latents (Flux Kontext / edit models: the reference image is "
+                                             "attended as a whole)"]))
+    unexpected = {k: v for k, v in kwargs.items() if v is not None}
+    if unexpected:
+        raise UnsupportedInputError(explain([f"extra transformer inputs {sorted(unexpected)}"]))
+    ComfyFluxAdapter().check({"transformer_options": transformer_options})
+    key = (tuple(str(u) for u in transformer_options.get("uuids", ())),
+           tuple(transformer_options.get("cond_or_uncond", ())))
+    extra = {k: v for k, v in (("y", y), ("guidance", guidance)) if v is not None}
+    if control is not None:
+        extra["control"] = {k: list(v) for k, v in control.items()}
+    if transformer_options.get("rope_options") is not None:  # RoPE scaling/shift nodes apply in the workers too
+        extra["transformer_options"] = {"rope_options": dict(transformer_options["rope_options"])}
+    step = RunState.step_of(transformer_options)
+    out = state.pool(x, timestep, context, key=key, sync=state.sync_for(step), **extra)
+    state.progress(step, state.exact_step(step))
+    return out
+
+
 def parallel_model(model, settings: DistriSettings):
     """A clone of `model` whose UNet runs on the pool (or `model` itself, with a warning, when it
     cannot be split and the settings allow single-device runs)."""
@@ -246,5 +272,7 @@ def parallel_model(model, settings: DistriSettings):
         m.model_options.pop(COMPILE_KWARGS, None)
     m.model_options["transformer_options"][KEY] = RunState(settings)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, outer_sample_wrapper)
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, diffusion_model_wrapper)
+    is_dit = isinstance(m.model.diffusion_model, Flux)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY,
+                           flux_model_wrapper if is_dit else diffusion_model_wrapper)
     return m

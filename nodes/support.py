@@ -4,6 +4,7 @@ says why one cannot (with the fix). Every refusal names the thing refused."""
 from __future__ import annotations
 
 import torch
+from comfy.ldm.flux.model import Flux
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from distri_core.surgery.adapters import COMFY_SAFE_PATCHES
@@ -73,9 +74,9 @@ def unsupported_reasons(model) -> list[str]:
     reasons = []
     base = model.model
     unet = getattr(base, "diffusion_model", None)
-    if not isinstance(unet, UNetModel):
-        reasons.append(f"the model is {type(base).__name__} ({type(unet).__name__}); only SD1.x, SD2.x and SDXL "
-                       "UNets are supported")
+    if not isinstance(unet, (UNetModel, Flux)):
+        reasons.append(f"the model is {type(base).__name__} ({type(unet).__name__}); supported are SD1.x, SD2.x and "
+                       "SDXL UNets and Flux (see the README for the other DiTs)")
         return reasons
     cfg = base.model_config.unet_config
     if cfg.get("use_temporal_resblock") or cfg.get("use_temporal_attention"):

@@ -18,7 +18,6 @@ from distri_core.runtime.pool import LazyWeights, ModelSpec
 PREFIX = "diffusion_model."
 COMFY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(comfy.model_management.__file__)))
 WORKER_SETUP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker_setup.py")
-UNET_FACTORY = "comfy.ldm.modules.diffusionmodules.openaimodel:UNetModel"
 
 
 def weight_dtype(model) -> torch.dtype:
@@ -49,7 +48,9 @@ def model_spec(model) -> ModelSpec:
     unet_config["dtype"] = stored
     ops = comfy.ops.manual_cast if cast else comfy.ops.disable_weight_init
     args = {k: v for k, v in vars(comfy.cli_args.args).items() if isinstance(v, (bool, int, float, str, type(None)))}
-    return ModelSpec(UNET_FACTORY, {**unet_config, "operations": ops}, compute, storage_dtype=stored if cast else None,
+    cls = type(model.model.diffusion_model)  # ComfyUI's own class: UNetModel, Flux, ...
+    factory = f"{cls.__module__}:{cls.__qualname__}"
+    return ModelSpec(factory, {**unet_config, "operations": ops}, compute, storage_dtype=stored if cast else None,
                      accessor=WORKER_SETUP + ":comfy_weights", setup=WORKER_SETUP + ":setup",
                      setup_kwargs={"comfy_root": COMFY_ROOT, "args": args}, sys_path=(COMFY_ROOT,))
 

@@ -38,18 +38,22 @@ def patcher(kind: str = "sd15", seed: int = 0, **overrides):
 
 
 def conditioning(kind: str, seed: int, height: int, width: int, **extra):
-    """[[cond, options]] as CLIPTextEncode produces it (SDXL adds pooled output and sizes)."""
+    """[[cond, options]] as CLIPTextEncode produces it (SDXL adds pooled output and sizes; Flux
+    a pooled vector and FluxGuidance's guidance)."""
     g = torch.Generator().manual_seed(seed)
-    dim = comfy_models.TINY[kind]["context_dim"]
+    dim = comfy_models.CONTEXT_DIM.get(kind) or comfy_models.TINY[kind]["context_dim"]
     options = dict(extra)
     if kind == "sdxl":
         options.update(pooled_output=torch.randn(1, 1280, generator=g), width=width * 8, height=height * 8)
+    if kind == "flux":
+        options.setdefault("pooled_output", torch.randn(1, comfy_models.TINY_FLUX["vec_in_dim"], generator=g))
+        options.setdefault("guidance", 3.5)
     return [[torch.randn(1, 7, dim, generator=g), options]]
 
 
-def latent(height: int, width: int, seed: int = 3, batch: int = 1) -> dict:
+def latent(height: int, width: int, seed: int = 3, batch: int = 1, channels: int = 4) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {"samples": torch.randn(batch, 4, height, width, generator=g) * 0.5}
+    return {"samples": torch.randn(batch, channels, height, width, generator=g) * 0.5}
 
 
 _latent = latent  # run_pair's parameter of that name shadows it

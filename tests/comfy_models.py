@@ -30,6 +30,16 @@ TINY = {
 }
 
 
+# Flux.1 layout (double- and single-stream blocks, 2x2 patches, 16-channel latent), tiny: a
+# 64-wide transformer with 4 heads of 16 (rotary axes 4+6+6), text and pooled vectors of 32.
+TINY_FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32,
+             "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 4, "depth": 2, "depth_single_blocks": 2,
+             "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+             "txt_ids_dims": []}
+LATENT_CHANNELS = {"flux": 16}
+CONTEXT_DIM = {"flux": TINY_FLUX["context_in_dim"]}
+
+
 def setup(path: str) -> None:
     """Make ComfyUI importable on CPU (idempotent)."""
     if path not in sys.path:
@@ -51,6 +61,12 @@ def build(kind: str = "sd15", seed: int = 0, dtype: torch.dtype = torch.float32,
 
     from distri_core.zoo import randomize
 
+    if kind == "flux":
+        model_config = comfy.supported_models.Flux({**TINY_FLUX, **overrides})
+        model_config.set_inference_dtype(dtype, compute)
+        model = model_config.get_model({})
+        randomize(model.diffusion_model, seed)
+        return model.eval().requires_grad_(False)
     cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
            "legacy": False, "in_channels": 4, "use_temporal_resblock": False, "use_temporal_attention": False,
            **TINY[kind], **overrides}

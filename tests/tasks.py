@@ -46,8 +46,9 @@ def build(family: str, kind: str, comfy_path: str | None = None):
 
 def inputs(family: str, kind: str, batch: int, height: int, width: int, seed: int = 5):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 4, height, width, generator=g)
-    t = torch.full((batch,), 500.0)
+    channels = 16 if kind == "flux" else 4
+    x = torch.randn(batch, channels, height, width, generator=g)
+    t = torch.full((batch,), 0.7 if kind == "flux" else 500.0)
     if family == "diffusers":
         from distri_core import zoo
 
@@ -59,13 +60,16 @@ def inputs(family: str, kind: str, batch: int, height: int, width: int, seed: in
     else:
         import comfy_models
 
-        dim = comfy_models.TINY[kind]["context_dim"]
+        dim = comfy_models.CONTEXT_DIM.get(kind) or comfy_models.TINY[kind]["context_dim"]
     ctx = torch.randn(batch, 7, dim, generator=g)
     kw = {}
     if family == "comfy" and kind == "sdxl":
         kw["y"] = torch.randn(batch, 2816, generator=g)
     if family == "builtin":
         kw["y"] = torch.randn(batch, 64, generator=g)
+    if family == "comfy" and kind == "flux":
+        kw["y"] = torch.randn(batch, 32, generator=g)
+        kw["guidance"] = torch.full((batch,), 3.5)
     return x, t, ctx, kw
 
 

@@ -18,7 +18,9 @@ MODELS = [
     pytest.param("comfy", "sd15", 48, 40, id="comfy-sd15"),
     pytest.param("comfy", "sdxl", 48, 32, id="comfy-sdxl"),
     pytest.param("builtin", "tiny", 48, 32, id="builtin-tiny"),  # distri_core.unet: the GPU check's model
+    pytest.param("comfy", "flux", 48, 32, id="comfy-flux"),  # ComfyUI's Flux class: a DiT, joint attention
 ]
+UNETS = [p for p in MODELS if p.id != "comfy-flux"]  # models with convolutions and GroupNorms
 
 
 @pytest.fixture
@@ -67,7 +69,9 @@ def test_stale_modes_after_warmup_beat_naive_patch(cluster, comfy_arg, family, k
     err = {m: e[1] for m, e in r["errors"].items()}  # mean abs error of the final latent
     assert r["errors"]["full_sync"][0] < 1e-3 * max(1.0, r["scale"]), r
     naive = err["naive_patch"]
-    assert naive > 0.05 * r["scale"], r  # the split matters for this model and size
+    # The split matters for this model and size (the DDIM loop drives Flux, a flow model, to large
+    # latents: its relative floor is lower).
+    assert naive > (0.01 if kind == "flux" else 0.05) * r["scale"], r
     assert err["corrected_async_gn"] < naive / 5, r
     if variants:
         assert err["sync_gn"] < naive / 5, r
@@ -77,7 +81,7 @@ def test_stale_modes_after_warmup_beat_naive_patch(cluster, comfy_arg, family, k
         assert err["corrected_async_gn"] < min(err["stale_gn"], err["separate_gn"]), r
 
 
-@pytest.mark.parametrize("family, kind, height, width", MODELS)
+@pytest.mark.parametrize("family, kind, height, width", UNETS)
 def test_input_convolution_is_exact_at_every_step(cluster, comfy_arg, family, kind, height, width):
     # Every rank holds the whole current input latent, so the first convolution takes its halo
     # rows from it, in every mode and every step (it used to read them from the previous step's
@@ -88,7 +92,7 @@ def test_input_convolution_is_exact_at_every_step(cluster, comfy_arg, family, ki
             assert max(errors) < 1e-5, (mode, errors)
 
 
-@pytest.mark.parametrize("family, kind, height, width", MODELS)
+@pytest.mark.parametrize("family, kind, height, width", UNETS)
 def test_a_resblock_half_pays_one_blocking_exchange(cluster, comfy_arg, family, kind, height, width):
     # In a synchronous step a GroupNorm followed (through SiLU) by a conv sends its statistics and
     # the conv's halo rows in one exchange: every such pair saves one blocking collective.
@@ -128,6 +132,9 @@ def test_control_residuals_are_sliced_per_band(cluster, comfy_root, ranks):
     ("comfy", "sd15", 50, 40, 2, {}, "latent height 50 is not a multiple of 4"),
     ("diffusers", "micro", 48, 40, 2, "mask", "attention_mask cannot be split"),
     ("comfy", "sd15", 48, 40, 2, "patch", "patches.attn1_patch"),
+    ("comfy", "flux", 48, 32, 2, "reference", "reference latents (Flux Kontext"),
+    ("comfy", "flux", 48, 32, 2, "patch", "patches.attn1_patch"),
+    ("comfy", "flux", 47, 32, 2, {}, "latent height 47 is not a multiple of 2"),
 ])
 def test_bad_inputs_are_refused_on_every_rank_and_the_cluster_survives(cluster, comfy_arg, family, kind, height,
                                                                         width, ranks, extra, fragment):
@@ -137,12 +144,27 @@ def test_bad_inputs_are_refused_on_every_rank_and_the_cluster_survives(cluster, 
         extra = {"attention_mask": torch.ones(1, 7)}
     elif extra == "patch":
         extra = {"transformer_options": {"patches": {"attn1_patch": [tasks.identity_attn1_patch]}}}
+    elif extra == "reference":
+        extra = {"ref_latents": [torch.randn(1, 16, height, width)]}
     results = cluster.run(tasks.expect_error, family, kind, 1, height, width, extra, size=ranks, **comfy_arg)
     for r in results:
         assert r is not None and fragment in r[1], results
     # the ranks are still in step: an exact run works right after
     r = cluster.run(tasks.call_errors, "diffusers", "micro", 1, 48, 40, 1, mode="full_sync", size=ranks)[0]
     assert max(r["errors"]) < EXACT
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_flux_controlnet_residuals_are_cut_to_the_band_tokens(cluster, comfy_root, ranks):
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    tokens = (48 // 2) * (32 // 2)  # 2x2 patches of a 48x32 latent
+    control = {"input": [torch.randn(1, tokens, 64, generator=g), None],
+               "output": [torch.randn(1, tokens, 64, generator=g)]}
+    r = cluster.run(tasks.call_errors, "comfy", "flux", 1, 48, 32, 2, mode="full_sync", extra={"control": control},
+                    comfy_path=str(comfy_root), size=ranks)[0]
+    assert max(r["errors"]) < EXACT, r
 
 
 def test_unsupported_model_is_refused_and_left_untouched():

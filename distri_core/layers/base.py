@@ -65,6 +65,8 @@ class CallContext:
     # Each band's share of the image's rows, [parts] float32 on the compute device (made once per
     # layout, so GroupNorm's combination copies nothing from the host per call).
     band_weights: torch.Tensor | None = None
+    # Tokens before the image tokens in a DiT's joint sequence (its text tokens), kept whole.
+    prefix_tokens: int = 0
 
     @property
     def split(self) -> bool:

@@ -97,7 +97,9 @@ class DistriUNet:
         self.groups = groups
         self.adapter = adapter_for(model)
         self.host = LayerHost(weights)
-        self.installed = install_layers(model, self.host, self.adapter.input_conv(model))
+        self.installed = install_layers(model, self.host, self.adapter.input_conv(model),
+                                        self.adapter.attention_namespace(model))
+        self.installed.unit = max(self.installed.unit, self.adapter.min_unit(model))
         self.bucket_bytes = bucket_bytes
         self.buffers = buffers  # the exchange (runtime.comm); the GPU check swaps in one without peers
         self.stats = CommStats()
@@ -176,7 +178,7 @@ class DistriUNet:
         if state.band_weights is None or state.band_weights.device != call.x.device:
             state.band_weights = band_weights(call.layout.bands.heights, call.x.device)
         self.host.call = CallContext(mode, is_sync, call.band, call.layout.bands, state.buffers, comm_dtype,
-                                     call.input_halo, state.band_weights)
+                                     call.input_halo, state.band_weights, self.adapter.prefix_tokens(call.context))
         state.buffers.begin_call()
         try:
             out = self.adapter(self.model, call.x, call.timesteps, call.context, **call.kwargs)

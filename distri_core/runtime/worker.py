@@ -231,11 +231,12 @@ class Worker:
         self.model, self.spec, self.model_key = model, spec, key
         if self.config is not None:
             self._build_engine()
-        config = getattr(model, "config", None)
-        out_channels = getattr(config, "out_channels", None) if config is not None else getattr(model, "out_channels", None)
+        from ..surgery.adapters import adapter_for
         from ..surgery.walk import downsample_unit
 
-        return {"out_channels": out_channels, "unit": downsample_unit(model),
+        adapter = adapter_for(model)
+        return {"out_channels": adapter.output_channels(model),
+                "unit": max(downsample_unit(model), adapter.min_unit(model)),
                 "param_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20, 1)}
 
     def _build_engine(self) -> None:

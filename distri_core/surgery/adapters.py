@@ -5,6 +5,7 @@ row band. Recognised by their structure (duck typing), so this package never imp
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import torch
@@ -57,11 +58,36 @@ class UNetAdapter:
     def matches(cls, model: nn.Module) -> bool:
         raise NotImplementedError
 
+    def bind(self, model: nn.Module) -> UNetAdapter:
+        """Read what the adapter needs of this model (its patch size, ...)."""
+        return self
+
     @staticmethod
     def input_conv(model: nn.Module) -> nn.Module | None:
         """The convolution applied to the UNet's input latent (every rank holds all of that input,
         so its halo needs no exchange)."""
         return None
+
+    @staticmethod
+    def attention_namespace(model: nn.Module):
+        """The module whose `attention` function a DiT's blocks call (None for UNets)."""
+        return None
+
+    @staticmethod
+    def min_unit(model: nn.Module) -> int:
+        """Latent rows a band must be a multiple of, beyond what the model's downsamplers need."""
+        return 1
+
+    @staticmethod
+    def prefix_tokens(context) -> int:
+        """Tokens a DiT puts before the image's in its joint sequence (0 for UNets)."""
+        return 0
+
+    @staticmethod
+    def output_channels(model: nn.Module) -> int | None:
+        """Channels of the model's output latent."""
+        config = getattr(model, "config", None)
+        return getattr(config, "out_channels", None) if config is not None else getattr(model, "out_channels", None)
 
     def check(self, kwargs: dict) -> None:
         for name in self.refused:
@@ -141,11 +167,89 @@ class DiffusersUNetAdapter(UNetAdapter):
         return model(x, timesteps, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
 
 
+class ComfyFluxAdapter(UNetAdapter):
+    """ComfyUI's Flux transformer (Flux.1 dev and schnell, and models run through that class):
+    forward(x, timestep, context, y, guidance, ref_latents, control, transformer_options). Image
+    tokens are the 2x2-patchified latent, row-major: a row band is a token range. Rotary position
+    ids follow the band through ComfyUI's own rope_options (a row offset), so every token keeps
+    its true position; ControlNet residuals (token sequences) are cut to the band's tokens."""
+
+    family = "comfy-flux"
+    refused = ("ref_latents", "attention_mask")
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return all(hasattr(model, a) for a in ("double_blocks", "single_blocks", "img_in", "txt_in", "final_layer",
+                                               "patch_size", "process_img"))
+
+    @staticmethod
+    def attention_namespace(model: nn.Module):
+        module = sys.modules.get(type(model.double_blocks[0]).__module__) if len(model.double_blocks) else None
+        if module is None or not callable(getattr(module, "attention", None)):
+            raise UnsupportedModelError(f"{type(model).__name__}: its blocks' module has no attention function to "
+                                        "split; this transformer is not supported")
+        return module
+
+    @staticmethod
+    def min_unit(model: nn.Module) -> int:
+        return int(model.patch_size)
+
+    @staticmethod
+    def output_channels(model: nn.Module) -> int | None:
+        return int(model.params.out_channels)  # model.out_channels counts the 2x2 patch channels
+
+    @staticmethod
+    def prefix_tokens(context) -> int:
+        return int(context.shape[1]) if isinstance(context, torch.Tensor) else 0
+
+    def check(self, kwargs: dict) -> None:
+        if kwargs.get("ref_latents") is not None:
+            raise UnsupportedInputError("reference latents (Flux Kontext, edit models) attend across the whole "
+                                        "reference image and are not split into row bands; run on one device")
+        super().check(kwargs)
+        to = kwargs.get("transformer_options") or {}
+        found = [f"patches.{k}" for k, v in (to.get("patches") or {}).items() if v]
+        found += [f"patches_replace.{k}" for k, v in (to.get("patches_replace") or {}).items() if v]
+        if found:
+            raise UnsupportedInputError(f"model patches {', '.join(sorted(found))} act on whole-image tokens and "
+                                        "cannot be split into row bands; remove them or run on one device")
+
+    def cut(self, kwargs: dict, chunk: tuple[int, int], batch: int, rows: tuple[int, int], height: int) -> dict:
+        out = super().cut(kwargs, chunk, batch, rows, height)
+        patch = self.patch
+        to = dict(out.get("transformer_options") or {})
+        rope = dict(to.get("rope_options") or {})
+        rope["shift_y"] = rope.get("shift_y", 0.0) + rows[0] // patch * rope.get("scale_y", 1.0)
+        to["rope_options"] = rope
+        out["transformer_options"] = to
+        control = out.get("control")
+        if control is not None:
+            token_rows = (height + patch // 2) // patch
+            out["control"] = {k: [None if r is None else _token_rows(r, rows[0] // patch, rows[1] // patch, token_rows)
+                                  for r in v] for k, v in control.items()}
+        return out
+
+    def bind(self, model: nn.Module) -> UNetAdapter:
+        self.patch = int(model.patch_size)
+        return self
+
+    def __call__(self, model, x, timesteps, context, **kwargs):
+        to = dict(kwargs.pop("transformer_options", None) or {})
+        to.pop("optimized_attention_override", None)
+        return model(x, timesteps, context, transformer_options=to, **kwargs)
+
+
+def _token_rows(t: torch.Tensor, start: int, stop: int, token_rows: int) -> torch.Tensor:
+    """Tokens of patch rows [start, stop) of a [B, N, C] sequence of `token_rows` rows."""
+    per_row = t.shape[1] // token_rows
+    return t[:, start * per_row:stop * per_row]
+
+
 def adapter_for(model: nn.Module) -> UNetAdapter:
-    for cls in (ComfyUNetAdapter, DiffusersUNetAdapter):
+    for cls in (ComfyUNetAdapter, DiffusersUNetAdapter, ComfyFluxAdapter):
         if cls.matches(model):
-            return cls()
+            return cls().bind(model)
     raise UnsupportedModelError(
         f"{type(model).__name__} is not a supported UNet; supported are ComfyUI's UNetModel (SD1.x, SD2.x, "
-        "SDXL) and diffusers' UNet2DConditionModel"
+        "SDXL) and Flux, and diffusers' UNet2DConditionModel"
     )

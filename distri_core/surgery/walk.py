@@ -17,6 +17,7 @@ from ..layers.attention import DistriAttnProcessor, DistriSelfAttention
 from ..layers.base import LayerHost
 from ..layers.conv import DistriConv2d, conv_halo
 from ..layers.groupnorm import DistriGroupNorm
+from ..layers.joint_attention import install_joint_attention
 
 
 class UnsupportedModelError(ValueError):
@@ -82,11 +83,13 @@ def downsample_unit(model: nn.Module) -> int:
     return 2 ** count
 
 
-def install_layers(model: nn.Module, host: LayerHost, input_conv: nn.Module | None = None) -> Installed:
+def install_layers(model: nn.Module, host: LayerHost, input_conv: nn.Module | None = None,
+                   attention_namespace=None) -> Installed:
     """Make every spatially global layer of `model` band-aware. Raises UnsupportedModelError,
     leaving the model untouched, when a module cannot be split. `input_conv`, the convolution of
     the model's input latent, takes its halo from that input (CallContext.input_halo) instead of
-    an exchange."""
+    an exchange. `attention_namespace`, the module whose `attention` function a DiT's blocks call,
+    gets a DistriJointAttention there (undone with the rest)."""
     for name, m in model.named_modules():
         if isinstance(m, _REFUSED):
             raise UnsupportedModelError(
@@ -98,6 +101,10 @@ def install_layers(model: nn.Module, host: LayerHost, input_conv: nn.Module | No
                                         "installed twice, or another tool's patch); use a fresh model")
     installed = Installed(host, downsample_unit(model))
     try:
+        if attention_namespace is not None:
+            joint, undo = install_joint_attention(attention_namespace, host, "joint_attn")
+            installed.layers.append(joint)
+            installed._undo.append(undo)
         for name, m in model.named_modules():
             if isinstance(m, nn.Conv2d) and conv_halo(m) > 0:
                 from_input = m is input_conv and m.stride[0] == 1

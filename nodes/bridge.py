@@ -137,7 +137,8 @@ class RunState:
         pool.configure(s.config)
         dtype = compute_dtype(model)
         patched = sum(1 for k, v in model.patches.items() if v and k.startswith("diffusion_model."))
-        label = f"{type(model.model.model_config).__name__} UNet, {str(dtype).replace('torch.', '')}" + \
+        kind = "transformer" if isinstance(model.model.diffusion_model, Flux) else "UNet"
+        label = f"{type(model.model.model_config).__name__} {kind}, {str(dtype).replace('torch.', '')}" + \
             (f", {patched} patched weights" if patched else "")
         # The weights are computed only when the pool does not hold this model yet.
         pool.load_model(model_key(model), model_spec(model), lambda: effective_weights(model), label)

@@ -135,3 +135,27 @@ def write_sdxl(path: Path, seed: int = 0, dtype: torch.dtype = torch.float16) ->
 def write_sdxl_controlnet(path: Path, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
     """An SDXL ControlNet (control_model.* layout, hint 3 channels) with random weights."""
     return _write_controlnet(path, SDXL_UNET, seed, dtype)
+
+
+# The smallest Flux.1 ComfyUI's loader detects as Flux: its detection fixes 128-wide heads with
+# rotary axes 16+56+56 and reads the widths from the weights. Text and pooled inputs are 768 wide,
+# so an SD1.5 checkpoint's CLIP-L can condition it (there is no T5-XXL here).
+FLUX_SMALL = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 768,
+              "hidden_size": 256, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+              "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+              "txt_ids_dims": []}
+
+
+def write_flux_small(path: Path, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
+    """A diffusion-model-only Flux.1 file (UNETLoader's models/diffusion_models) with random weights."""
+    import comfy.ops
+    import comfy.utils
+    from comfy.ldm.flux.model import Flux
+
+    from distri_core.zoo import randomize
+
+    model = Flux(operations=comfy.ops.disable_weight_init, dtype=torch.float32, device="cpu", **FLUX_SMALL)
+    randomize(model, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    comfy.utils.save_torch_file({k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path

@@ -16,3 +16,4 @@ _spec.loader.exec_module(random_models)
 write_sd15 = random_models.write_sd15
 write_sd15_lora = random_models.write_sd15_lora
 write_sd15_controlnet = random_models.write_sd15_controlnet
+write_flux_small = random_models.write_flux_small

@@ -59,6 +59,9 @@ def test_ui_workflow_loads_converts_and_runs(comfy_server, page, name):
     page.wait_for_timeout(500)
     prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
     assert prompt == workflow_runs.small_api(name), "the frontend's conversion differs from the API twin"
+    if name in workflow_runs.NOT_RUN:  # loaded and converted; it cannot run here (the reason says why)
+        page.screenshot(path=str(ARTIFACTS / f"workflow_{name}.png"))
+        return
     entry = _queue_and_wait(comfy_server, page)
     assert entry["status"]["status_str"] == "success", entry["status"]
     assert comfy_server.images(entry)

@@ -12,7 +12,7 @@ import pytest
 import workflow_runs
 
 
-@pytest.mark.parametrize("name", workflow_runs.names())
+@pytest.mark.parametrize("name", workflow_runs.runnable())
 def test_api_workflow_runs_through_post_prompt(comfy_server, name):
     entry = comfy_server.run(workflow_runs.small_api(name))
     assert entry["status"]["status_str"] == "success", entry["status"]
@@ -20,7 +20,7 @@ def test_api_workflow_runs_through_post_prompt(comfy_server, name):
     assert images and all(p.stat().st_size > 0 for p in images)
 
 
-@pytest.mark.parametrize("name", workflow_runs.names())
+@pytest.mark.parametrize("name", workflow_runs.runnable())
 def test_api_workflow_runs_through_comfy_cli(comfy_server, name, tmp_path):
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(workflow_runs.small_api(name)))

@@ -92,3 +92,45 @@ def test_stop_route_frees_the_workers_and_the_next_run_restarts_them(server):
     fresh = [w["pid"] for w in server.get("/distri/status")["workers"]]
     assert len(fresh) == 2 and not set(fresh) & set(pids)
 
+
+
+def flux_txt2img(sampler: str, size: int = 128, steps: int = 3) -> dict:
+    """UNETLoader (a random Flux.1 our code wrote, detected by ComfyUI's loader) conditioned by the
+    SD1.5 checkpoint's CLIP-L -> FluxGuidance -> EmptySD3LatentImage -> sampler -> SaveLatent."""
+    from workflow_runs import FLUX
+
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dawn", "clip": ["1", 1]}},
+        "3": {"class_type": "UNETLoader", "inputs": {"unet_name": FLUX, "weight_dtype": "default"}},
+        "4": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["2", 0], "guidance": 3.5}},
+        "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": f"latents/flux_{sampler}"}},
+    }
+    common = {"model": ["3", 0], "seed": 3, "steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+              "positive": ["4", 0], "negative": ["4", 0], "latent_image": ["5", 0], "denoise": 1.0}
+    if sampler == "KSampler":
+        g["6"] = {"class_type": "KSampler", "inputs": common}
+    else:
+        g["8"] = {"class_type": "DistriPatchParallelConfig",
+                  "inputs": {"devices": "cpu", "ranks": 2, "mode": "full_sync", "warmup_steps": 1,
+                             "cfg_split": "auto", "comm_dtype": "auto", "unsupported": "error"}}
+        g["6"] = {"class_type": "DistriSampler", "inputs": {**common, "config": ["8", 0]}}
+    return g
+
+
+def test_flux_through_the_api_matches_ksampler(server):
+    from safetensors.torch import load_file
+
+    def latent(entry):
+        item = next(i for out in entry["outputs"].values() for i in out.get("latents", []))
+        return load_file(str(server.base / "output" / item["subfolder"] / item["filename"]))["latent_tensor"]
+
+    ref = server.run(flux_txt2img("KSampler"))
+    assert ref["status"]["status_str"] == "success", ref["status"]
+    out = server.run(flux_txt2img("DistriSampler"))
+    assert out["status"]["status_str"] == "success", out["status"]
+    a, b = latent(out).float(), latent(ref).float()
+    assert a.shape == (1, 16, 16, 16) and b.abs().max() > 0.1
+    assert (a - b).abs().max() <= 1e-4 * max(1.0, float(b.abs().max())), float((a - b).abs().max())
+    assert server.get("/distri/status")["model"].startswith("Flux")

@@ -14,7 +14,7 @@ VIRTUAL = {"Note", "MarkdownNote"}  # frontend-only nodes: never sent to the bac
 
 def test_every_workflow_has_a_thumbnail_and_an_api_twin():
     found = names()
-    assert len(found) == 6
+    assert len(found) == 7
     for name in found:
         assert (WORKFLOWS / f"{name}.jpg").read_bytes()[:3] == b"\xff\xd8\xff", name  # a JPEG
         assert (WORKFLOWS / "api" / f"{name}.json").is_file(), name
@@ -78,21 +78,26 @@ def ui_to_api(ui: dict, definitions: dict) -> dict:
     return prompt
 
 
+def v3_nodes() -> list:
+    """V3 node classes of the comfy_extras modules the workflows use, and the pack's."""
+    from comfy_api.latest import io
+    from comfy_extras import nodes_custom_sampler, nodes_flux, nodes_sd3
+    from distri_patch_parallel_pack.nodes import NODES
+
+    found = [c for m in (nodes_custom_sampler, nodes_flux, nodes_sd3) for c in vars(m).values()
+             if isinstance(c, type) and issubclass(c, io.ComfyNode) and c is not io.ComfyNode]
+    return found + list(NODES)
+
+
 @pytest.fixture(scope="module")
 def definitions(comfy_root):
     import comfy_host
 
     comfy_host.load_pack(str(comfy_root))
-    from comfy_api.latest import io
-    from comfy_extras import nodes_custom_sampler
-    from distri_patch_parallel_pack.nodes import NODES
-
     import nodes as comfy_nodes
 
     defs = {name: cls.INPUT_TYPES() for name, cls in comfy_nodes.NODE_CLASS_MAPPINGS.items()}
-    v3 = [c for c in vars(nodes_custom_sampler).values()
-          if isinstance(c, type) and issubclass(c, io.ComfyNode) and c is not io.ComfyNode] + list(NODES)
-    for node in v3:
+    for node in v3_nodes():
         try:
             defs[node.define_schema().node_id] = node.INPUT_TYPES()
         except NotImplementedError:
@@ -104,14 +109,8 @@ def test_default_titles_are_comfyuis_display_names(definitions):
     import nodes as comfy_nodes
 
     gen = generator()
-    from comfy_api.latest import io
-    from comfy_extras import nodes_custom_sampler
-    from distri_patch_parallel_pack.nodes import NODES
-
     display = dict(comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS)
-    v3 = [c for c in vars(nodes_custom_sampler).values()
-          if isinstance(c, type) and issubclass(c, io.ComfyNode) and c is not io.ComfyNode] + list(NODES)
-    for node in v3:
+    for node in v3_nodes():
         try:
             schema = node.define_schema()
         except NotImplementedError:
@@ -135,5 +134,6 @@ def test_ui_and_api_twins_agree_under_comfyuis_node_definitions(definitions, nam
             assert entry is not None, (node_id, name_)
             choices = entry[0] if isinstance(entry[0], list) else (entry[1] or {}).get("options") \
                 if entry[0] == "COMBO" and len(entry) > 1 else None
-            if choices and name_ not in ("ckpt_name", "lora_name", "control_net_name", "image"):
+            if choices and name_ not in ("ckpt_name", "lora_name", "control_net_name", "image", "unet_name", "vae_name",
+                                         "clip_name1", "clip_name2"):  # the user's own files
                 assert value in choices, (node_id, name_, value)

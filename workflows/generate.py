@@ -67,6 +67,13 @@ NODE_TYPES: dict[str, dict] = {
     "BasicScheduler": dict(inputs=[("model", "MODEL")], widgets=["scheduler", "steps", "denoise"],
                            outputs=[("SIGMAS", "SIGMAS")]),
     "RandomNoise": dict(inputs=[], widgets=["noise_seed", CONTROL], outputs=[("NOISE", "NOISE")]),
+    "UNETLoader": dict(inputs=[], widgets=["unet_name", "weight_dtype"], outputs=[("MODEL", "MODEL")]),
+    "DualCLIPLoader": dict(inputs=[], widgets=["clip_name1", "clip_name2", "type", "device"],
+                           outputs=[("CLIP", "CLIP")]),
+    "VAELoader": dict(inputs=[], widgets=["vae_name"], outputs=[("VAE", "VAE")]),
+    "EmptySD3LatentImage": dict(inputs=[], widgets=["width", "height", "batch_size"], outputs=[("LATENT", "LATENT")]),
+    "FluxGuidance": dict(inputs=[("conditioning", "CONDITIONING")], widgets=["guidance"],
+                         outputs=[("CONDITIONING", "CONDITIONING")]),
     "SamplerCustomAdvanced": dict(inputs=[("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"),
                                           ("sigmas", "SIGMAS"), ("latent_image", "LATENT")], widgets=[],
                                   outputs=[("output", "LATENT"), ("denoised_output", "LATENT")]),
@@ -82,7 +89,9 @@ TITLES = {"CheckpointLoaderSimple": "Load Checkpoint", "CLIPTextEncode": "CLIP T
           "LoraLoader": "Load LoRA (Model and CLIP)", "ControlNetLoader": "Load ControlNet Model",
           "ControlNetApplyAdvanced": "Apply ControlNet", "CFGGuider": "CFG Guider",
           "KSamplerSelect": "KSamplerSelect", "BasicScheduler": "BasicScheduler", "RandomNoise": "RandomNoise",
-          "SamplerCustomAdvanced": "SamplerCustomAdvanced"}
+          "SamplerCustomAdvanced": "SamplerCustomAdvanced", "UNETLoader": "Load Diffusion Model",
+          "DualCLIPLoader": "Load CLIP (Dual)", "VAELoader": "Load VAE", "EmptySD3LatentImage": "EmptySD3LatentImage",
+          "FluxGuidance": "FluxGuidance"}
 
 
 @dataclass
@@ -362,7 +371,28 @@ def distri_model_custom() -> Workflow:
     return wf
 
 
-WORKFLOWS = [sdxl_txt2img, sd15_hires_fix, img2img_upscale, inpainting, lora_controlnet, distri_model_custom]
+def flux_txt2img() -> Workflow:
+    wf = Workflow("flux_dev_txt2img_2048", "Flux dev txt2img at 2048x2048 on every GPU",
+                  "Flux.1 dev (cfg 1: CFG split has nothing to split) with its image tokens in row bands, one per "
+                  "GPU, displaced like the UNets'.", "image, 2048x2048")
+    _note(wf, "Flux.1 dev (Load Diffusion Model)", "EmptySD3LatentImage: the image size (multiples of 16 px per "
+          "GPU band).", "DualCLIPLoader: clip_l and your t5xxl; Load VAE: Flux's ae.safetensors.")
+    unet = wf.add("UNETLoader", (40, 80), unet_name="flux1-dev.safetensors", weight_dtype="default")
+    clip = wf.add("DualCLIPLoader", (40, 260), clip_name1="clip_l.safetensors",
+                  clip_name2="t5xxl_fp16.safetensors", type="flux", device="default")
+    vae = wf.add("VAELoader", (40, 480), vae_name="ae.safetensors")
+    pos, neg = _prompts(wf, clip, "a lighthouse on a cliff at dawn, ultra detailed, 8k photograph", "")
+    guided = wf.add("FluxGuidance", (760, 0), guidance=3.5)
+    wf.connect(pos, 0, guided, "conditioning")
+    latent = wf.add("EmptySD3LatentImage", (40, 640), width=2048, height=2048, batch_size=1)
+    s = _sampler(wf, (unet, "MODEL"), _config(wf), (guided, 0), (neg, 0), (latent, 0), at=(1100, 200), seed=42,
+                 steps=28, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0)
+    _finish(wf, (s, 0), vae, "distri_flux_2048", x=1480)
+    return wf
+
+
+WORKFLOWS = [sdxl_txt2img, sd15_hires_fix, img2img_upscale, inpainting, lora_controlnet, distri_model_custom,
+             flux_txt2img]
 
 
 def thumbnail(wf: Workflow, path: Path) -> None:

@@ -37,16 +37,34 @@ def _peak_rss_mb() -> float:
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+# Benchmark models beyond diffusers' sizes: distri_core.dit's Flux-style transformers.
+TRANSFORMERS = ("flux-tiny", "flux-small")
+
+
+def build_model(name: str, seed: int, dtype: torch.dtype):
+    """(module, call(module, x, t, ctx, **extra)) of a bench model."""
+    if name in TRANSFORMERS:
+        return zoo.build_builtin(name, seed=seed, dtype=dtype), lambda m, x, t, c, **kw: m(x, t, c, **kw)
+    return zoo.build(name, seed=seed, dtype=dtype), \
+        lambda m, x, t, c, **kw: m(x, t, encoder_hidden_states=c, return_dict=False, **kw)[0]
+
+
 def _inputs(model_name: str, size: int, guidance: float, dtype: torch.dtype, seed: int,
             device: torch.device | str = "cpu"):
     """The loop's starting latent, text context ([cond, uncond] with CFG) and extra inputs."""
     h = w = size // 8
     gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(1, 4, h, w, generator=gen).to(device, dtype)
+    x = torch.randn(1, zoo.latent_channels(model_name) if model_name in TRANSFORMERS else 4, h, w,
+                    generator=gen).to(device, dtype)
     batch = 2 if guidance != 1.0 else 1
-    ctx = torch.randn(*zoo.context_shape(model_name, 1), generator=gen)
+    if model_name in TRANSFORMERS:
+        ctx = torch.randn(1, 77, zoo.builtin_context_dim(model_name), generator=gen)
+        extra = zoo.builtin_extra(model_name, batch, device)
+    else:
+        ctx = torch.randn(*zoo.context_shape(model_name, 1), generator=gen)
+        extra = zoo.extra_inputs(model_name, batch, h, w)
     ctx = torch.cat([ctx, torch.zeros_like(ctx)]) if batch == 2 else ctx
-    return x, ctx.to(device, dtype), zoo.extra_inputs(model_name, batch, h, w), batch
+    return x, ctx.to(device, dtype), extra, batch
 
 
 def _guided(unet_call, batch: int, guidance: float, device: torch.device | str = "cpu"):
@@ -82,7 +100,8 @@ def _run(info, model_name: str, size: int, steps: int, mode: str | None, warmup:
 
     torch_dtype = DTYPES[dtype]
     device = torch.device(info.device)
-    unet = zoo.build(model_name, seed=seed, dtype=torch_dtype).to(device)
+    unet, plain = build_model(model_name, seed, torch_dtype)
+    unet = unet.to(device)
     x, ctx, extra, batch = _inputs(model_name, size, guidance, torch_dtype, seed, device)
 
     engine = None
@@ -92,7 +111,7 @@ def _run(info, model_name: str, size: int, steps: int, mode: str | None, warmup:
 
     def unet_call(xx, tt):
         if engine is None:
-            return unet(xx, tt, encoder_hidden_states=ctx, return_dict=False, **extra)[0]
+            return plain(unet, xx, tt, ctx, **extra)
         return engine(xx, tt, ctx, **extra)
 
     times, tick = _step_timer(device)
@@ -123,8 +142,12 @@ def _run_pool(n: int, args: argparse.Namespace, mode: str) -> dict:
     with WorkerPool(devices, threads=args.threads, call_timeout=args.timeout) as pool:
         pool.configure(PatchParallelConfig(world_size=n, mode=mode, warmup_steps=args.warmup,
                                            comm_dtype=args.comm_dtype))
-        spec = ModelSpec("diffusers:UNet2DConditionModel", zoo.diffusers_config(args.model), torch_dtype)
-        pool.load_model((args.model, args.seed), spec, lambda: zoo.build(args.model, seed=args.seed).state_dict())
+        if args.model in TRANSFORMERS:
+            spec = ModelSpec(zoo.builtin_factory(args.model), zoo.builtin_config(args.model), torch_dtype)
+        else:
+            spec = ModelSpec("diffusers:UNet2DConditionModel", zoo.diffusers_config(args.model), torch_dtype)
+        pool.load_model((args.model, args.seed), spec, lambda: build_model(args.model, args.seed, torch.float32)[0]
+                        .state_dict())
         overhead, stats = [], {"bytes_sent": 0, "collectives": 0, "calls": 0}
 
         def unet_call(xx, tt):
@@ -247,8 +270,9 @@ def run_profile(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m distri_core.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny", choices=sorted(zoo.CONFIGS),
-                   help="random-weight UNet (see distri_core.zoo): micro, tiny, small, sd15, sdxl")
+    p.add_argument("--model", default="tiny", choices=sorted(zoo.CONFIGS) + list(TRANSFORMERS),
+                   help="random-weight model (see distri_core.zoo): micro, tiny, small, sd15, sdxl (diffusers "
+                        "UNets); flux-tiny, flux-small (distri_core.dit, Flux-style transformers)")
     p.add_argument("--size", type=int, default=1024, help="image size in pixels (latent = size/8), square")
     p.add_argument("--ranks", default="1,2", help="comma list of rank counts; 1 is always measured")
     p.add_argument("--modes", default="full_sync,corrected_async_gn,naive_patch", help="comma list of modes")

@@ -97,7 +97,7 @@ def speed(devices: list[str], model: str, size: int, dtype: torch.dtype, calls: 
     weights = LazyWeights([(k, tuple(v.shape), v.dtype) for k, v in state.items()], lambda k: state[k].cpu())
     with WorkerPool(devices) as pool:
         pool.configure(PatchParallelConfig(world_size=len(devices), mode="corrected_async_gn", warmup_steps=1))
-        pool.load_model(("doctor", model), ModelSpec("distri_core.unet:UNet", zoo.builtin_config(model), dtype),
+        pool.load_model(("doctor", model), ModelSpec(zoo.builtin_factory(model), zoo.builtin_config(model), dtype),
                         weights)
         many = timed(lambda: pool(x, t, ctx, **extra))
         pool.end_run()

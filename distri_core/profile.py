@@ -21,7 +21,7 @@ def _model(name: str):
         shape = name.removeprefix("builtin-")
         unet = zoo.build_builtin(shape)
         extra = zoo.builtin_extra(shape, 1)
-        dim = zoo.builtin_config(shape)["context_dim"]
+        dim = zoo.builtin_context_dim(shape)
         return unet, (lambda x, t, c: unet(x, t, c, **extra)), dim, extra
     unet = zoo.build(name)
     extra = zoo.extra_inputs(name, 1, 0, 0)

@@ -91,34 +91,55 @@ def extra_inputs(name: str, batch: int, height: int, width: int) -> dict:
                                   "time_ids": ids.repeat(batch, 1)}}
 
 
-BUILTIN = ("tiny", "sd15", "sdxl")
+BUILTIN = ("tiny", "sd15", "sdxl", "flux-tiny", "flux-small")
 
 
 def build_builtin(name: str, seed: int = 0, dtype: torch.dtype = torch.float32,
                   device: torch.device | str = "cpu") -> nn.Module:
-    """distri_core.unet's plain-torch UNet (ComfyUI's layout; no diffusers, no ComfyUI) with the
-    named shape ('tiny', 'sd15', 'sdxl') and random weights, built directly on `device`."""
-    from . import unet
+    """distri_core.unet's plain-torch UNet or distri_core.dit's Flux-style transformer (ComfyUI's
+    layouts; no diffusers, no ComfyUI) with the named shape ('tiny', 'sd15', 'sdxl', 'flux-tiny',
+    'flux-small') and random weights, built directly on `device`."""
+    from . import dit, unet
 
     with torch.device("meta"):
-        model = unet.UNet(**builtin_config(name))
+        model = (dit.DiT if name.startswith("flux") else unet.UNet)(**builtin_config(name))
     model = model.to(dtype).to_empty(device=device)  # no float32 copy first: SDXL is 10 GB in float32
     return randomize(model, seed).eval().requires_grad_(False)
 
 
 def builtin_config(name: str) -> dict:
-    """distri_core.unet.UNet's keyword arguments for a built-in shape."""
-    from . import unet
+    """The keyword arguments of a built-in shape (distri_core.unet.UNet or distri_core.dit.DiT)."""
+    from . import dit, unet
 
     if name not in BUILTIN:
-        raise ValueError(f"built-in UNet {name!r} is not known; use one of: {', '.join(BUILTIN)}")
-    return dict({"tiny": unet.TINY, "sd15": unet.SD15, "sdxl": unet.SDXL}[name])
+        raise ValueError(f"built-in model {name!r} is not known; use one of: {', '.join(BUILTIN)}")
+    return dict({"tiny": unet.TINY, "sd15": unet.SD15, "sdxl": unet.SDXL, "flux-tiny": dit.FLUX_TINY,
+                 "flux-small": dit.FLUX_SMALL}[name])
+
+
+def builtin_factory(name: str) -> str:
+    """The ModelSpec factory of a built-in shape."""
+    return "distri_core.dit:DiT" if name.startswith("flux") else "distri_core.unet:UNet"
+
+
+def latent_channels(name: str) -> int:
+    return builtin_config(name).get("in_channels", 4) if name in BUILTIN else 4
+
+
+def builtin_context_dim(name: str) -> int:
+    config = builtin_config(name)
+    return config.get("context_dim") or config["context_in_dim"]
 
 
 def builtin_extra(name: str, batch: int, device: torch.device | str = "cpu") -> dict:
-    """The label input `y` the built-in SDXL and tiny shapes take (SDXL's pooled text and sizes)."""
-    dim = builtin_config(name).get("adm_in_channels")
+    """The extra inputs a built-in shape takes: `y` (SDXL's pooled text and sizes, Flux's pooled
+    vector) and Flux's guidance."""
+    config = builtin_config(name)
+    dim = config.get("adm_in_channels") or config.get("vec_in_dim")
     if not dim:
         return {}
     gen = torch.Generator().manual_seed(2)
-    return {"y": torch.randn(batch, dim, generator=gen).to(device)}
+    extra = {"y": torch.randn(batch, dim, generator=gen).to(device)}
+    if name.startswith("flux"):
+        extra["guidance"] = torch.full((batch,), 3.5, device=device)
+    return extra

@@ -46,7 +46,7 @@ def build(family: str, kind: str, comfy_path: str | None = None):
 
 def inputs(family: str, kind: str, batch: int, height: int, width: int, seed: int = 5):
     g = torch.Generator().manual_seed(seed)
-    channels = 16 if kind == "flux" else 4
+    channels = 16 if "flux" in kind else 4
     x = torch.randn(batch, channels, height, width, generator=g)
     t = torch.full((batch,), 0.7 if kind == "flux" else 500.0)
     if family == "diffusers":
@@ -54,9 +54,9 @@ def inputs(family: str, kind: str, batch: int, height: int, width: int, seed: in
 
         dim = zoo.CONFIGS[kind]["cross_attention_dim"]
     elif family == "builtin":
-        from distri_core import unet
+        from distri_core import zoo
 
-        dim = unet.TINY["context_dim"]
+        dim = zoo.builtin_context_dim(kind)
     else:
         import comfy_models
 
@@ -66,7 +66,10 @@ def inputs(family: str, kind: str, batch: int, height: int, width: int, seed: in
     if family == "comfy" and kind == "sdxl":
         kw["y"] = torch.randn(batch, 2816, generator=g)
     if family == "builtin":
-        kw["y"] = torch.randn(batch, 64, generator=g)
+        from distri_core import zoo
+
+        kw.update({k: torch.randn(v.shape, generator=g) if k == "y" else v
+                   for k, v in zoo.builtin_extra(kind, batch).items()})
     if family == "comfy" and kind == "flux":
         kw["y"] = torch.randn(batch, 32, generator=g)
         kw["guidance"] = torch.full((batch,), 3.5)

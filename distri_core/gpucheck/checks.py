@@ -86,7 +86,7 @@ def pool_run(devices: list[str], *, backend: str | None = None, share_devices: b
                 low = [v.to(dtype) if v.is_floating_point() else v for v in (x, ctx)]
                 lextra = {k: v.to(dtype) for k, v in extra.items()}
                 ref = reference(low[0], t, low[1], **lextra)
-            spec = ModelSpec("distri_core.unet:UNet", zoo.builtin_config(model), dtype)
+            spec = ModelSpec(zoo.builtin_factory(model), zoo.builtin_config(model), dtype)
             t1 = time.perf_counter()
             pool.load_model((model, name), spec, _weights(reference))
             load_s = time.perf_counter() - t1

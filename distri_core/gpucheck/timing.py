@@ -18,8 +18,8 @@ def inputs(model: str, batch: int, size: int, dtype: torch.dtype, device: torch.
     """A latent for a `size`-pixel square image, timesteps, text context and extra inputs."""
     g = torch.Generator().manual_seed(seed)
     h = size // 8
-    context_dim = zoo.builtin_config(model)["context_dim"]
-    x = torch.randn(batch, 4, h, h, generator=g).to(device, dtype)
+    context_dim = zoo.builtin_context_dim(model)
+    x = torch.randn(batch, zoo.latent_channels(model), h, h, generator=g).to(device, dtype)
     t = torch.full((batch,), 500.0, device=device)
     ctx = torch.randn(batch, 77, context_dim, generator=g).to(device, dtype)
     extra = {k: v.to(dtype) for k, v in zoo.builtin_extra(model, batch, device).items()}

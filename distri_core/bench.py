@@ -1,4 +1,5 @@
-"""Benchmark: a DDIM denoising loop on 1..N ranks and each mode, measured in one run.
+"""Benchmark: a denoising loop (DDIM for UNets, flow-matching Euler for the Flux-style
+transformers) on 1..N ranks and each mode, measured in one run.
 
     python -m distri_core.bench --model tiny --size 2048 --ranks 1,2 \\
         --modes full_sync,corrected_async_gn,naive_patch --steps 20 --json out.json
@@ -25,7 +26,7 @@ import torch
 from . import zoo
 from .config import Mode, PatchParallelConfig
 from .runtime.launch import LocalCluster
-from .sampling import ddim_sample
+from .sampling import ddim_sample, flow_sample
 
 log = logging.getLogger("distri_core.bench")
 
@@ -47,6 +48,12 @@ def build_model(name: str, seed: int, dtype: torch.dtype):
         return zoo.build_builtin(name, seed=seed, dtype=dtype), lambda m, x, t, c, **kw: m(x, t, c, **kw)
     return zoo.build(name, seed=seed, dtype=dtype), \
         lambda m, x, t, c, **kw: m(x, t, encoder_hidden_states=c, return_dict=False, **kw)[0]
+
+
+def sampler(name: str):
+    """The loop a model is run in: flow-matching Euler for the transformers (their timestep is a
+    sigma in [0, 1]), DDIM for the UNets."""
+    return flow_sample if name in TRANSFORMERS else ddim_sample
 
 
 def _inputs(model_name: str, size: int, guidance: float, dtype: torch.dtype, seed: int,
@@ -118,7 +125,7 @@ def _run(info, model_name: str, size: int, steps: int, mode: str | None, warmup:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with torch.inference_mode():
-        out = ddim_sample(_guided(unet_call, batch, guidance, device), x, steps, callback=tick)
+        out = sampler(model_name)(_guided(unet_call, batch, guidance, device), x, steps, callback=tick)
     stats = engine.stats.snapshot() if engine else {"bytes_sent": 0, "collectives": 0, "calls": steps * 1}
     stale = engine.stale_bytes if engine else 0
     if engine:
@@ -159,7 +166,7 @@ def _run_pool(n: int, args: argparse.Namespace, mode: str) -> dict:
             return out
 
         times, tick = _step_timer(torch.device("cpu"))  # the pool returns outputs on the CPU, finished
-        out = ddim_sample(_guided(unet_call, batch, args.cfg), x, args.steps, callback=tick)
+        out = sampler(args.model)(_guided(unet_call, batch, args.cfg), x, args.steps, callback=tick)
         pool.end_run()
         memory = [dict(wk["memory"]) for wk in pool.status()["workers"]]
     return {"times": times, "stats": stats, "latent": out.float(), "memory": memory,

@@ -1,5 +1,6 @@
-"""A deterministic DDIM loop (eta 0, SD's scaled-linear schedule), for the benchmark and the
-tests: the paper measures 50-step DDIM. ComfyUI users get ComfyUI's own samplers instead."""
+"""Deterministic sampling loops for the benchmark and the tests: DDIM (eta 0, SD's scaled-linear
+schedule: the paper measures 50-step DDIM) for the UNets, and flow-matching Euler (Flux's
+shifted schedule) for the transformers. ComfyUI users get ComfyUI's own samplers instead."""
 
 from __future__ import annotations
 
@@ -35,6 +36,20 @@ def ddim_sample(eps_fn: Callable[[torch.Tensor, int, int], torch.Tensor], x: tor
         a_prev = float(ac[ts[i + 1]]) if i + 1 < len(ts) else 1.0
         x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
         x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+def flow_sample(v_fn: Callable[[torch.Tensor, float, int], torch.Tensor], x: torch.Tensor, steps: int,
+                callback: Callable[[int, torch.Tensor], None] | None = None, shift: float = 3.0) -> torch.Tensor:
+    """Integrate a rectified-flow model from noise (sigma 1) to data (sigma 0) in `steps` Euler
+    steps on Flux's shifted schedule. v_fn(x, sigma, step_index) returns the predicted velocity;
+    the model's timestep is sigma, as Flux takes it."""
+    grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    sigmas = [float(shift * s / (1 + (shift - 1) * s)) for s in grid]
+    for i in range(steps):
+        x = x + (sigmas[i + 1] - sigmas[i]) * v_fn(x, sigmas[i], i)
         if callback is not None:
             callback(i, x)
     return x

@@ -219,11 +219,17 @@ def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transfo
     if unexpected:
         raise UnsupportedInputError(explain([f"extra UNet inputs {sorted(unexpected)}"]))
     ComfyUNetAdapter().check({"transformer_options": transformer_options})  # patches added per cond
-    key = (tuple(str(u) for u in transformer_options.get("uuids", ())),
-           tuple(transformer_options.get("cond_or_uncond", ())))
     extra = {"y": y} if y is not None else {}
     if control is not None:
         extra["control"] = {k: list(v) for k, v in control.items()}
+    return _in_pool(state, x, timesteps, context, transformer_options, extra)
+
+
+def _in_pool(state: RunState, x, timesteps, context, transformer_options: dict, extra: dict):
+    """One model call on the pool: stale state keyed by the conds it carries, exact context for the
+    run's first steps, progress to the GUI."""
+    key = (tuple(str(u) for u in transformer_options.get("uuids", ())),
+           tuple(transformer_options.get("cond_or_uncond", ())))
     step = RunState.step_of(transformer_options)
     out = state.pool(x, timesteps, context, key=key, sync=state.sync_for(step), **extra)
     state.progress(step, state.exact_step(step))
@@ -242,17 +248,12 @@ def flux_model_wrapper(executor, x, timestep, context, y=None, guidance=None, re
     if unexpected:
         raise UnsupportedInputError(explain([f"extra transformer inputs {sorted(unexpected)}"]))
     ComfyFluxAdapter().check({"transformer_options": transformer_options})
-    key = (tuple(str(u) for u in transformer_options.get("uuids", ())),
-           tuple(transformer_options.get("cond_or_uncond", ())))
     extra = {k: v for k, v in (("y", y), ("guidance", guidance)) if v is not None}
     if control is not None:
         extra["control"] = {k: list(v) for k, v in control.items()}
     if transformer_options.get("rope_options") is not None:  # RoPE scaling/shift nodes apply in the workers too
         extra["transformer_options"] = {"rope_options": dict(transformer_options["rope_options"])}
-    step = RunState.step_of(transformer_options)
-    out = state.pool(x, timestep, context, key=key, sync=state.sync_for(step), **extra)
-    state.progress(step, state.exact_step(step))
-    return out
+    return _in_pool(state, x, timestep, context, transformer_options, extra)
 
 
 def parallel_model(model, settings: DistriSettings):

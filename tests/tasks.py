@@ -297,3 +297,20 @@ def sync_collectives(info, family, kind, comfy_path=None):
         result = (engine.stats.collectives, exchanging, carriers)
         engine.close()
     return result
+
+
+def unchanged_input_errors(info, family, kind, height, width, modes, comfy_path=None):
+    """Per mode, the max error against one device of displaced calls whose input does not change:
+    the previous step's activations are then this step's, so every displaced mode must be exact
+    (a misplaced stale buffer, a wrong rank order or offset shows here)."""
+    unet, plain, accessor = build(family, kind, comfy_path)
+    x, t, ctx, kw = inputs(family, kind, 1, height, width)
+    out = {}
+    with torch.inference_mode():
+        ref = plain(x, t, ctx, **_fresh(kw))
+        for mode in modes:
+            engine = _engine(info, unet, accessor, mode=mode, warmup_steps=0)
+            results = [engine(x, t, ctx, **_fresh(kw)) for _ in range(3)]  # sync, then displaced twice
+            engine.close()
+            out[mode] = [float((r - ref).abs().max()) for r in results]
+    return out if info.rank == 0 else None

@@ -102,6 +102,14 @@ def test_a_resblock_half_pays_one_blocking_exchange(cluster, comfy_arg, family, 
     assert collectives == exchanging - carriers, (collectives, exchanging, carriers)
 
 
+@pytest.mark.parametrize("family, kind, height, width", MODELS)
+def test_displaced_steps_with_an_unchanged_input_are_exact(cluster, comfy_arg, family, kind, height, width):
+    r = cluster.run(tasks.unchanged_input_errors, family, kind, height, width,
+                    ["corrected_async_gn", "stale_gn", "sync_gn"], size=3, **comfy_arg)[0]
+    for mode, errors in r.items():
+        assert max(errors) < EXACT, (mode, errors)
+
+
 def test_warmup_and_stale_state_are_per_key(cluster):
     # cond and uncond arrive as separate calls: each key has its own warm-up and stale state,
     # so the first (1 + warmup) calls of EACH key are exact.

@@ -165,7 +165,8 @@ def test_unsupported_model_family_is_refused(env):
 
     fake = comfy_host.patcher("sd15")
     fake.model.diffusion_model = NotAUnet()
-    with pytest.raises(ValueError, match="only SD1.x, SD2.x and SDXL UNets are supported"):
+    with pytest.raises(ValueError, match=r"the model is BaseModel \(NotAUnet\); supported are SD1.x, SD2.x and SDXL "
+                       r"UNets and Flux.*single_device"):
         env.Model.execute(fake, settings(env))
 
 

@@ -18,9 +18,12 @@ class Mode(str, enum.Enum):
     `full_sync` blocks on every exchange and equals the single-device result up to float
     rounding; `naive_patch` never communicates inside the UNet (the quality floor and the speed
     ceiling). The other four use one-step-stale conv halos and attention K/V after warm-up and
-    differ only in how GroupNorm statistics are formed.
+    differ only in how GroupNorm statistics are formed. `auto` asks `distri_core.planner` to
+    choose per sampling run (devices, CFG split, exact or displaced, warm-up); the engine only
+    runs the concrete modes.
     """
 
+    AUTO = "auto"
     FULL_SYNC = "full_sync"
     CORRECTED_ASYNC_GN = "corrected_async_gn"
     SYNC_GN = "sync_gn"
@@ -36,6 +39,11 @@ class Mode(str, enum.Enum):
     @property
     def communicates(self) -> bool:
         return self is not Mode.NAIVE_PATCH
+
+    @property
+    def concrete(self) -> bool:
+        """A mode the engine can run (everything but `auto`, which the planner resolves)."""
+        return self is not Mode.AUTO
 
     def __str__(self) -> str:
         return self.value
@@ -89,6 +97,9 @@ class PatchParallelConfig:
     devices:      optional device per rank ("cuda:0", "cpu", ...); empty = chosen by the runtime.
     host_device:  the GPU the host application itself computes on (ComfyUI's CLIP, VAE,
                   ControlNet, previews): a rank on it gets the smaller band (`light_ranks`).
+    ranks:        which ranks of a larger worker pool take part (a plan that uses fewer devices
+                  than the pool has); empty = ranks 0 .. world_size - 1. `devices` then lists
+                  the devices of these ranks.
     """
 
     world_size: int = 1
@@ -98,6 +109,7 @@ class PatchParallelConfig:
     comm_dtype: CommDtype = CommDtype.AUTO
     devices: tuple[str, ...] = field(default=())
     host_device: str | None = None
+    ranks: tuple[int, ...] = field(default=())
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -148,12 +160,24 @@ class PatchParallelConfig:
                     f"device {dup[0]} is listed more than once; each rank needs a GPU of its own "
                     "(NCCL cannot run two ranks on one GPU); list distinct devices"
                 )
+        ranks = tuple(self.ranks)
+        set_(self, "ranks", ranks)
+        if ranks:
+            if len(ranks) != self.world_size or len(set(ranks)) != len(ranks) or \
+                    not all(_is_int(r) and r >= 0 for r in ranks):
+                raise ValueError(f"ranks={list(ranks)} is not valid for world_size={self.world_size}; list "
+                                 f"{self.world_size} distinct pool ranks (0 or more), or leave it empty")
         if self.host_device is not None:
             try:
                 set_(self, "host_device", str(torch.device(self.host_device)))
             except RuntimeError:
                 raise ValueError(f"host_device={self.host_device!r} is not a torch device name; use e.g. "
                                  "'cuda:0', or None") from None
+
+    @property
+    def pool_ranks(self) -> tuple[int, ...]:
+        """The worker-pool ranks this configuration runs on."""
+        return self.ranks or tuple(range(self.world_size))
 
     @property
     def light_ranks(self) -> tuple[int, ...]:
@@ -169,6 +193,9 @@ class PatchParallelConfig:
 
     def is_sync_call(self, call_index: int) -> bool:
         """Whether the `call_index`-th call (0-based) of one conditioning key runs synchronously."""
+        if self.mode is Mode.AUTO:
+            raise ValueError("mode=auto has no fixed schedule: distri_core.planner turns it into a concrete "
+                             "configuration per sampling run")
         if self.mode is Mode.FULL_SYNC:
             return True
         if self.mode is Mode.NAIVE_PATCH:

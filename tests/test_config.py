@@ -25,7 +25,7 @@ def test_strings_coerce_to_enums_and_config_is_hashable():
     (dict(world_size=0), "world_size=0"),
     (dict(world_size=2.0), "world_size=2.0"),
     (dict(world_size=True), "world_size=True"),
-    (dict(mode="fast"), "mode='fast' is not valid; use one of: full_sync"),
+    (dict(mode="fast"), "mode='fast' is not valid; use one of: auto, full_sync"),
     (dict(warmup_steps=-1), "warmup_steps=-1"),
     (dict(comm_dtype="int8"), "comm_dtype='int8'"),
     (dict(world_size=3, cfg_split=True), "cfg_split=True needs an even number of ranks"),

@@ -89,6 +89,9 @@ class DistriUNet:
                  *, weights: WeightAccessor | None = None, bucket_bytes: int = 8 << 20,
                  buffers: type[StaleBuffers] = StaleBuffers):
         groups = groups or single()
+        if not config.mode.concrete:
+            raise ValueError(f"mode={config.mode.value} cannot run as it is: plan it first "
+                             "(distri_core.planner.plan_run gives a concrete configuration per sampling run)")
         if groups.size != config.world_size:
             raise ValueError(f"config.world_size={config.world_size} but the process group has {groups.size} "
                              "rank(s); build the config with the group's size")

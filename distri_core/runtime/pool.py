@@ -187,8 +187,16 @@ class WorkerPool:
 
     # -- requests -------------------------------------------------------------------------------
     def configure(self, config: PatchParallelConfig) -> None:
-        """Set mode, warm-up, CFG split, comm dtype; no restart unless the rank count changes."""
-        if config.world_size != self.world:
+        """Set mode, warm-up, CFG split, comm dtype, and which ranks take part (`config.ranks`: a
+        plan may use fewer devices than the pool has; the others sit the calls out). No restart."""
+        if not config.mode.concrete:
+            raise PoolError(f"mode={config.mode.value} must be planned before it reaches the pool "
+                            "(distri_core.planner.plan_run)")
+        if config.ranks:
+            if max(config.ranks) >= self.world:
+                raise PoolError(f"config.ranks={list(config.ranks)} but the pool has only ranks 0-{self.world - 1} "
+                                f"on {self.devices}")
+        elif config.world_size != self.world:
             raise PoolError(f"config.world_size={config.world_size} but the pool has {self.world} worker(s) on "
                             f"{self.devices}; start a pool with {config.world_size} device(s)")
         with self._lock:
@@ -276,13 +284,40 @@ class WorkerPool:
                               "wait_s_per_rank": [r["wait_s"] for r in replies]}
             return out.to(x.device) if x.device.type != "cpu" else out
 
+    def solo(self, x: torch.Tensor, timesteps, context=None, **kwargs) -> list[float]:
+        """Every rank runs the whole call alone, at the same time, with no communication (the
+        planner's compute profile): each rank's seconds, measured on its device."""
+        with self._lock:
+            if self.state != "ready" or self.model_key is None or self.config is None:
+                raise PoolError("solo() needs a started pool with a model and a configuration")
+            tensors: list[torch.Tensor] = []
+            tree = wire.flatten((x, timesteps, context, kwargs), tensors)
+            refs, end = wire.plan(tensors)
+            arena = SharedArena.create(wire.aligned(end), "one profiling call's inputs")
+            try:
+                wire.write(arena, refs, tensors)
+                replies = self._request({"op": "solo", "arena": arena.path, "size": arena.size, "refs": refs,
+                                         "tree": tree}, self.call_timeout)
+            finally:
+                arena.unlink()
+            return [r["device_s"] for r in replies]
+
+    def probe_comm(self, sizes: tuple[int, ...] = (1 << 10, 1 << 22), repeat: int = 5) -> dict:
+        """All-gather latency between every rank: median seconds per size (bytes per rank)."""
+        with self._lock:
+            self._ensure()
+            replies = self._request({"op": "probe_comm", "sizes": list(sizes), "repeat": repeat}, self.start_timeout)
+            return {"sizes": list(sizes), "seconds": [max(r["seconds_per_size"][i] for r in replies)
+                                                      for i in range(len(sizes))]}
+
     def end_run(self) -> None:
         """Forget stale state on every rank (between runs, or after a cancelled run). A rank on the
         host's own GPU (`config.host_device`) also hands its cached memory back: the host's VAE
         decode comes next."""
         with self._lock:
             if self.state == "ready":
-                light = self.config.light_ranks if self.config is not None else ()
+                light = () if self.config is None else \
+                    tuple(self.config.pool_ranks[i] for i in self.config.light_ranks)
 
                 def reset():
                     for r in range(self.world):

@@ -26,10 +26,12 @@ import torch
 import torch.distributed as dist
 
 from . import wire
+from .comm import all_gather_rows
 from .groups import RankInfo, build_groups, touch_groups
 from .loader import build_on_meta, device_memory, finish_model, resolve, shared_model
 from .shipping import Receiver
 from .shm import SharedArena
+from .stats import Clock
 
 log = logging.getLogger("distri_core.worker")
 
@@ -75,8 +77,8 @@ class Worker:
         self.engine = None
         self.config = None
         self.arena: SharedArena | None = None
-        self.groups = None
-        self.task_groups: dict[int, object] = {}
+        self.groups = None  # the groups of the current configuration's ranks (None: this rank sits out)
+        self.rank_groups: dict[tuple[int, ...], object] = {}  # every rank set asked for so far
         self.receiver: Receiver | None = None
         self.pending_model = None
 
@@ -91,7 +93,7 @@ class Worker:
                                 world_size=self.world, timeout=timedelta(seconds=args.comm_timeout), **options)
         self.groups = build_groups()
         touch_groups(self.groups, self.device)
-        self.task_groups[self.world] = self.groups
+        self.rank_groups[tuple(range(self.world))] = self.groups
         wire.send(self.fd_out, {"ok": True, "op": "ready", "pid": os.getpid(), "memory": device_memory(self.device)})
         while True:
             try:
@@ -156,16 +158,38 @@ class Worker:
 
     def op_configure(self, msg: dict) -> dict:
         self.config = msg["config"]
+        self.groups = self._groups_for(self.config.pool_ranks)
         if self.model is not None:
             self._build_engine()
         return {}
 
+    def _groups_for(self, ranks) -> object:
+        """The process groups of a set of ranks (None on ranks outside it). Every rank takes part
+        in creating a set's groups the first time it is asked for, in the order the host asks, as
+        torch requires; members then run one collective on them (NCCL builds communicators)."""
+        ranks = tuple(ranks)
+        if ranks not in self.rank_groups:
+            groups = build_groups(ranks)
+            if groups is not None:
+                touch_groups(groups, self.device)
+            self.rank_groups[ranks] = groups
+        return self.rank_groups[ranks]
+
+    @property
+    def sits_out(self) -> bool:
+        """This rank is not one of the current configuration's ranks."""
+        return self.config is not None and self.rank not in self.config.pool_ranks
+
     def op_call(self, msg: dict) -> dict:
-        if self.engine is None:
-            raise RuntimeError("no model loaded or no configuration set")
+        # Every rank maps the call's segment, also one that sits this configuration out: the host
+        # unlinks a new segment once all ranks replied, and a later plan may need this rank.
         if self.arena is None or self.arena.path != msg["arena"]:
             self.arena = None
             self.arena = SharedArena.attach(msg["arena"], msg["size"])
+        if self.sits_out:
+            return {"bytes_sent": 0, "collectives": 0, "wait_s": 0.0, "input_bytes": 0, "device_s": 0.0, "idle": True}
+        if self.engine is None:
+            raise RuntimeError("no model loaded or no configuration set")
         views = wire.read(self.arena, msg["refs"])
         x, timesteps, context, kwargs = wire.unflatten(msg["tree"], views)
         before = self.engine.stats.snapshot()
@@ -187,6 +211,41 @@ class Worker:
         reply.update(input_bytes=moved, device_s=device_s)
         return reply
 
+    def op_solo(self, msg: dict) -> dict:
+        """The whole call on this rank alone, no communication (the planner's compute profile)."""
+        if self.model is None or self.engine is None and not self.sits_out:
+            raise RuntimeError("no model loaded or no configuration set")
+        arena = SharedArena.attach(msg["arena"], msg["size"])
+        x, timesteps, context, kwargs = wire.unflatten(msg["tree"], wire.read(arena, msg["refs"]))
+        from ..surgery.adapters import adapter_for
+
+        with torch.inference_mode():
+            (x, timesteps, context, kwargs), _ = to_device((x, timesteps, context, kwargs), self.device)
+            del arena
+            clock = Clock(self.device)
+            adapter_for(self.model)(self.model, x, timesteps, context, **kwargs)
+            seconds = clock.stop()
+        return {"device_s": seconds}
+
+    def op_probe_comm(self, msg: dict) -> dict:
+        """All-gather over every rank at each size (bytes per rank): median seconds."""
+        results = []
+        for size in msg["sizes"]:
+            rows = torch.ones(self.world, max(1, size // 4), dtype=torch.float32, device=self.device)
+            times = []
+            for i in range(msg["repeat"] + 1):
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                t0 = time.perf_counter()
+                all_gather_rows(rows, self.rank, None)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                if i:
+                    times.append(time.perf_counter() - t0)
+            times.sort()
+            results.append(times[len(times) // 2])
+        return {"seconds_per_size": results}
+
     def op_reset(self, msg: dict) -> dict:
         if self.engine is not None:
             self.engine.reset()
@@ -202,15 +261,11 @@ class Worker:
         """Run a function on ranks 0..size-1 (LocalCluster). Every rank takes part in creating a
         sub-world's groups the first time that size is asked for, as torch requires."""
         size = msg["size"]
-        if size not in self.task_groups:
-            groups = build_groups(range(size))
-            if groups is not None:
-                touch_groups(groups, self.device)
-            self.task_groups[size] = groups
+        groups = self._groups_for(range(size))
         if self.rank >= size:
             return {"value": None}
         fn, args, kwargs = pickle.loads(msg["task"])
-        value = fn(RankInfo(self.rank, size, self.task_groups[size], str(self.device)), *args, **kwargs)
+        value = fn(RankInfo(self.rank, size, groups, str(self.device)), *args, **kwargs)
         return {"value": value}
 
     def op_status(self, msg: dict) -> dict:
@@ -245,6 +300,8 @@ class Worker:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+        if self.sits_out:
+            return
         accessor = resolve(self.spec.accessor) if self.spec.accessor else None
         self.engine = DistriUNet(self.model, self.config, self.groups, weights=accessor)
 

@@ -1,0 +1,190 @@
+"""Measuring a pool's machine profile for the planner (distri_core.planner), and caching it.
+
+A profile is measured once per pool, model and dtype, in a few seconds, from the run's own
+inputs cut to one image: every rank runs the whole model alone at three heights at the same time
+(its compute curve), the ranks all-gather a small and a large tensor (latency, bandwidth), and
+two real calls per kind (synchronous, displaced) on every rank calibrate the distributed layers'
+own cost and the bytes they send per token. It is cached on disk keyed by devices, model and
+dtype (`ProfileCache`), and measured again when the cache is cleared.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import replace
+from itertools import combinations
+from pathlib import Path
+
+import torch
+
+from ..config import Mode, PatchParallelConfig
+from ..layout import plan_bands
+from ..planner import DeviceSpeed, MachineProfile, RunShape, call_seconds, profile_key
+
+log = logging.getLogger("distri_core.profiling")
+
+
+def fit_speed(samples: list[tuple[float, float]]) -> DeviceSpeed:
+    """seconds = fixed + per_token * n + per_pair * n^2 through (tokens n, seconds) samples, every
+    coefficient 0 or more (the least-squares fit over the terms that stay non-negative)."""
+    n = torch.tensor([s[0] for s in samples], dtype=torch.float64)
+    y = torch.tensor([s[1] for s in samples], dtype=torch.float64)
+    columns = {"fixed": torch.ones_like(n), "per_token": n, "per_pair": n * n}
+    best, best_err = DeviceSpeed(0.0, float(y.max() / n.max()), 0.0), float("inf")
+    for size in (3, 2, 1):
+        for terms in combinations(columns, size):
+            a = torch.stack([columns[t] for t in terms], 1)
+            scale = a.abs().max(0).values
+            coef = torch.linalg.lstsq(a / scale, y.unsqueeze(1)).solution.squeeze(1) / scale
+            if (coef < 0).any():
+                continue
+            err = float(((a @ coef - y) ** 2).sum())
+            if err < best_err * (1 - 1e-9):
+                values = dict.fromkeys(columns, 0.0) | {t: float(c) for t, c in zip(terms, coef, strict=True)}
+                best, best_err = DeviceSpeed(**values), err
+    return best
+
+
+def profile_heights(height: int, unit: int, world: int) -> list[int]:
+    """Three heights (multiples of `unit`) to time the whole model at: about 1/8, 1/4 and 1/2 of
+    the image, and enough rows at the largest to give every rank a band."""
+    blocks = height // unit
+    top = max(min(blocks, max(world, blocks // 2)), 1)
+    picks = sorted({max(1, top // 4), max(1, top // 2), top})
+    return [b * unit for b in picks]
+
+
+def cut_batch(value, batch: int):
+    """A call's inputs for its first image only (tensors whose first dimension is the batch)."""
+    if isinstance(value, torch.Tensor):
+        return value[:1] if value.dim() and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {k: cut_batch(v, batch) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cut_batch(v, batch) for v in value)
+    return value
+
+
+def measure(pool, x: torch.Tensor, timesteps, context, extra: dict, unit: int, model: str, dtype: str,
+            base: PatchParallelConfig) -> MachineProfile:
+    """The profile of `pool` with its loaded model, from one call's inputs (`x` [B, C, H, W]; the
+    other inputs as the pool takes them, without ControlNet residuals). `base` gives the comm
+    dtype and host device. Leaves the pool configured with `base`'s ranks in full_sync."""
+    t_start = time.perf_counter()
+    batch, height, width = x.shape[0], x.shape[2], x.shape[3]
+    x1, t1, c1, e1 = cut_batch((x, timesteps, context, extra), batch)
+    world = pool.world
+    ranks = tuple(range(world))
+    exact = replace(base, world_size=world, ranks=(), mode=Mode.FULL_SYNC, cfg_split=False, warmup_steps=0,
+                    comm_dtype="auto", devices=tuple(pool.devices) if base.devices else ())
+    pool.configure(exact)
+
+    samples: list[list[tuple[float, float]]] = [[] for _ in range(world)]
+    heights = profile_heights(height, unit, world)
+    for h in heights:
+        xs = x1[:, :, :h].contiguous()
+        pool.solo(xs, t1, c1, **e1)  # the first call at a size pays one-time costs
+        seconds = [min(a, b) for a, b in zip(pool.solo(xs, t1, c1, **e1), pool.solo(xs, t1, c1, **e1), strict=True)]
+        for r, s in enumerate(seconds):
+            samples[r].append((float(h * width), s))
+    speeds = tuple(fit_speed(s) for s in samples)
+
+    if world > 1:
+        small, big = 1 << 10, 1 << 22
+        probe = pool.probe_comm((small, big))
+        latency = probe["seconds"][0]
+        spread = max(probe["seconds"][1] - latency, 1e-9)
+        bytes_per_s = (world - 1) * (big - small) / spread
+    else:
+        probe, latency, bytes_per_s = {}, 0.0, 1e12
+
+    # Calibration: two real calls of each kind on every rank, one image at the largest height.
+    h = heights[-1]
+    xs = x1[:, :, :h].contiguous()
+    run = RunShape((1.0, 0.0), 1, h, width, unit)
+    band = max(plan_bands(h, world, unit, base.light_ranks).heights) * width
+    profile = MachineProfile(tuple(pool.devices), model, dtype, speeds, latency, bytes_per_s, 0.0, 0.0, 0.0, 0.0,
+                             0.0, 0.0)
+    calls: dict[str, dict] = {}
+    if world > 1:
+        for kind, mode, sync in (("sync", Mode.FULL_SYNC, True), ("async", Mode.CORRECTED_ASYNC_GN, False)):
+            pool.configure(replace(exact, mode=mode, comm_dtype=base.comm_dtype if mode is not Mode.FULL_SYNC
+                                   else "auto"))
+            pool(xs, t1, c1, key=("profile", kind), sync=True, **e1)
+            pool(xs, t1, c1, key=("profile", kind), sync=sync, **e1)
+            calls[kind] = dict(pool.last_call)
+            pool.end_run()
+        pool.configure(exact)
+        host = min(c["overhead_s"] for c in calls.values())
+        s, a = calls["sync"], calls["async"]
+        profile = replace(profile, host_s=host, sync_bytes_per_token=s["bytes_sent"] / band,
+                          async_bytes_per_token=a["bytes_sent"] / band, sync_collectives=float(s["collectives"]))
+        bare_sync = call_seconds(profile, run, ranks, False, True, base.light_ranks)
+        bare_async = call_seconds(profile, run, ranks, False, False, base.light_ranks)
+        profile = replace(profile, sync_overhead_s=max(0.0, s["seconds"] - bare_sync),
+                          async_overhead_s=max(0.0, a["seconds"] - bare_async))
+    else:
+        pool(xs, t1, c1, key=("profile", "one"), **e1)
+        pool(xs, t1, c1, key=("profile", "one"), **e1)
+        calls["one"] = dict(pool.last_call)
+        pool.end_run()
+        profile = replace(profile, host_s=calls["one"]["overhead_s"])
+    measured = {"heights": heights, "width": width, "solo_s": [[round(s, 5) for _, s in r] for r in samples],
+                "probe": probe, "calls": {k: {f: v.get(f) for f in ("seconds", "worker_seconds", "overhead_s",
+                                                                    "bytes_sent", "collectives")}
+                                          for k, v in calls.items()},
+                "seconds": round(time.perf_counter() - t_start, 2), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    log.info("machine profile of %s on %s measured in %.1f s", model, ", ".join(pool.devices), measured["seconds"])
+    return replace(profile, measured=measured)
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("DISTRI_CACHE_DIR"):
+        return Path(os.environ["DISTRI_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "distri_patch_parallel" / "profiles"
+
+
+class ProfileCache:
+    """Machine profiles on disk, one JSON file per (devices, model, dtype)."""
+
+    def __init__(self, directory: str | os.PathLike | None = None):
+        self._directory = Path(directory) if directory is not None else None
+
+    @property
+    def directory(self) -> Path:
+        """The given directory, else $DISTRI_CACHE_DIR or ~/.cache/distri_patch_parallel/profiles
+        (read at every use, so a changed environment takes effect)."""
+        return self._directory or default_cache_dir()
+
+    def path(self, devices, model: str, dtype: str) -> Path:
+        return self.directory / f"{profile_key(tuple(devices), model, dtype)}.json"
+
+    def get(self, devices, model: str, dtype: str) -> MachineProfile | None:
+        path = self.path(devices, model, dtype)
+        try:
+            return MachineProfile.from_json(json.loads(path.read_text()))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError, KeyError) as e:  # a profile from another version: measure again
+            log.warning("ignoring the unreadable machine profile %s (%s)", path, e)
+            return None
+
+    def put(self, profile: MachineProfile) -> Path:
+        path = self.path(profile.devices, profile.model, profile.dtype)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(profile.to_json(), indent=1))
+        os.replace(tmp, path)
+        return path
+
+    def clear(self) -> int:
+        """Forget every profile (they are measured again at the next run); how many were removed."""
+        removed = 0
+        for p in self.directory.glob("*.json") if self.directory.is_dir() else ():
+            p.unlink(missing_ok=True)
+            removed += 1
+        return removed

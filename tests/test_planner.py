@@ -1,0 +1,169 @@
+"""mode = auto: the planner's choices on a table of cases (synthetic profiles), the profile's fit
+and cache, and the pool running a plan on fewer ranks than it has (CPU ranks, gloo)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pool_models
+import pytest
+import torch
+
+from distri_core import PatchParallelConfig
+from distri_core.planner import (EXACT_AT_MOST, DeviceSpeed, MachineProfile, RunShape, candidates, plan_run,
+                                 synthetic_profile)
+from distri_core.runtime.pool import PoolError
+from distri_core.runtime.profiling import ProfileCache, fit_speed, measure, profile_heights
+from distri_core.schedule import ddim_sigmas, flow_sigmas, step_drift
+
+EXACT = 1e-4
+FAST = dict(latency_s=2e-5, bytes_per_s=150e9)  # NVLink-class
+SLOW = dict(latency_s=3e-4, bytes_per_s=6e9, sync_overhead_s=0.02, async_overhead_s=0.01)  # PCIe through the host
+
+
+def run_shape(steps: int, cfg: float, size: int, flow: bool = False) -> RunShape:
+    sigmas = flow_sigmas(steps) if flow else ddim_sigmas(steps)
+    return RunShape(tuple(sigmas), 2 if cfg != 1 else 1, size // 8, size // 8, 8 if not flow else 2, flow)
+
+
+def auto(devices: int) -> PatchParallelConfig:
+    return PatchParallelConfig(world_size=devices, mode="auto", devices=tuple(f"cuda:{i}" for i in range(devices)))
+
+
+CASES = list(itertools.product([1, 4, 8, 10, 11, 20, 50], [1.0, 7.0], [512, 1024, 2048, 4096], [1, 2, 4, 8],
+                               ["fast", "slow"]))
+
+
+@pytest.mark.parametrize("steps,cfg,size,devices,link", CASES,
+                         ids=[f"{s}steps-cfg{c:g}-{z}px-{d}dev-{link}" for s, c, z, d, link in CASES])
+def test_plan_table(steps, cfg, size, devices, link):
+    profile = synthetic_profile(devices, **(FAST if link == "fast" else SLOW))
+    run = run_shape(steps, cfg, size)
+    plan = plan_run(profile, run, auto(devices))
+    config = plan.config
+    # never predicted slower than one device
+    assert plan.seconds_per_step <= plan.one_device_s * (1 + 1e-9)
+    # few steps never read stale activations
+    if steps <= EXACT_AT_MOST:
+        assert config.mode.value == "full_sync" and plan.sync_steps == tuple(range(steps))
+    # a displaced run is synchronous at its first step and at every step of large drift
+    if config.mode.value != "full_sync":
+        drift = step_drift(run.sigmas)
+        assert 0 in plan.sync_steps and all(i in plan.sync_steps for i, d in enumerate(drift) if d > 0.3)
+    # a valid configuration of the pool's ranks
+    assert config.world_size == len(config.pool_ranks) <= devices
+    assert config.devices == tuple(f"cuda:{r}" for r in config.pool_ranks)
+    if config.cfg_split:
+        assert run.batch == 2 and config.world_size % 2 == 0
+    chosen = [c for c in plan.candidates if (c.ranks, c.cfg_split, c.mode) ==
+              (config.pool_ranks, bool(config.cfg_split), config.mode.value)]
+    assert len(chosen) == 1 and chosen[0].allowed
+    assert json.loads(json.dumps(plan.summary()))["mode"] == config.mode.value
+
+
+def test_plan_choices_that_matter():
+    # A big image on 8 fast GPUs, 50 steps with CFG: all 8 devices.
+    plan = plan_run(synthetic_profile(8, **FAST), run_shape(50, 7.0, 4096), auto(8))
+    assert plan.config.world_size == 8 and plan.predicted_speedup > 4
+    # A small image over a slow link: one device, or CFG split alone (no exchange inside the UNet).
+    plan = plan_run(synthetic_profile(2, **SLOW), run_shape(20, 7.0, 512), auto(2))
+    assert plan.config.world_size == 1 or plan.config.cfg_split
+    plan = plan_run(synthetic_profile(2, **SLOW), run_shape(20, 1.0, 512), auto(2))
+    assert plan.config.world_size == 1 and "one device" in plan.reason
+    # Turbo / Lightning: 4 steps at cfg 1 on 2 GPUs, 1024^2 (DistriFusion's users saw 2 GPUs slower than one)
+    plan = plan_run(synthetic_profile(2, **SLOW), run_shape(4, 1.0, 1024), auto(2))
+    assert plan.config.mode.value == "full_sync" and plan.seconds_per_step <= plan.one_device_s
+    # cfg 7 on two GPUs at 1024: CFG split (no exchange at all, exact)
+    plan = plan_run(synthetic_profile(2, **SLOW), run_shape(20, 7.0, 1024), auto(2))
+    assert plan.config.cfg_split and plan.config.world_size == 2
+    # 2048^2, 50 steps, cfg 1, 4 GPUs over PCIe: displaced beats exact (on 3 or 4 of them: the
+    # link, not compute, bounds the fourth), and the choice is the fastest allowed candidate
+    plan = plan_run(synthetic_profile(4, **SLOW), run_shape(50, 1.0, 2048), auto(4))
+    assert plan.config.mode.value == "corrected_async_gn" and plan.config.world_size >= 3
+    assert len(plan.sync_steps) < 50 and plan.predicted_speedup > 1.5
+    assert plan.seconds_per_step == min(c.seconds_per_step for c in plan.candidates if c.allowed)
+
+
+def test_the_host_gpu_is_the_last_one_taken_and_the_user_cfg_split_is_kept():
+    base = PatchParallelConfig(world_size=4, mode="auto", devices=("cuda:0", "cuda:1", "cuda:2", "cuda:3"),
+                               host_device="cuda:0")
+    plan = plan_run(synthetic_profile(4, **SLOW), run_shape(20, 7.0, 1024), base)
+    if plan.config.world_size < 4:
+        assert 0 not in plan.config.pool_ranks
+    never = PatchParallelConfig(world_size=2, mode="auto", devices=("cuda:0", "cuda:1"), cfg_split=False)
+    assert not any(c.cfg_split for c in candidates(synthetic_profile(2), run_shape(20, 7.0, 1024), 4,
+                                                   cfg_split=never.cfg_split))
+
+
+def test_heterogeneous_devices_use_the_faster_ones_first_when_that_is_faster():
+    slow, fast = DeviceSpeed(0.01, 2e-6, 0.0), DeviceSpeed(0.01, 2e-7, 0.0)
+    profile = synthetic_profile(2, speeds=(slow, fast), **SLOW)
+    plan = plan_run(profile, run_shape(20, 1.0, 1024), auto(2))
+    assert plan.seconds_per_step <= plan.one_device_s
+    assert plan.config.world_size == 2 or plan.config.pool_ranks == (1,) or plan.one_device_s <= plan.seconds_per_step
+
+
+def test_fit_speed_recovers_the_curve_and_stays_non_negative():
+    true = DeviceSpeed(0.02, 3e-6, 4e-11)
+    samples = [(n, true.seconds(n, n, 1)) for n in (512.0, 2048.0, 8192.0)]
+    fit = fit_speed(samples)
+    assert fit.fixed == pytest.approx(0.02, rel=1e-3) and fit.per_token == pytest.approx(3e-6, rel=1e-3)
+    assert fit.per_pair == pytest.approx(4e-11, rel=1e-2)
+    noisy = fit_speed([(100.0, 0.5), (200.0, 0.2), (400.0, 0.9)])
+    assert min(noisy.fixed, noisy.per_token, noisy.per_pair) >= 0
+    assert profile_heights(128, 8, 2) == [16, 32, 64] and profile_heights(16, 8, 2) == [8, 16]
+
+
+def test_profile_cache_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTRI_CACHE_DIR", str(tmp_path / "profiles"))
+    cache = ProfileCache()
+    profile = synthetic_profile(2)
+    assert cache.get(profile.devices, profile.model, profile.dtype) is None
+    path = cache.put(profile)
+    assert path.parent == tmp_path / "profiles"
+    assert cache.get(profile.devices, profile.model, profile.dtype) == profile
+    assert cache.get(("cuda:0",), profile.model, profile.dtype) is None
+    path.write_text("{not json")
+    assert cache.get(profile.devices, profile.model, profile.dtype) is None  # measured again, no crash
+    assert cache.clear() == 1
+
+
+def test_auto_is_refused_by_the_engine_and_the_pool():
+    with pytest.raises(ValueError, match="mode=auto has no fixed schedule"):
+        PatchParallelConfig(world_size=2, mode="auto").is_sync_call(1)
+    with pool_models.micro_pool() as pool:
+        with pytest.raises(PoolError, match="must be planned"):
+            pool.configure(PatchParallelConfig(world_size=2, mode="auto"))
+        with pytest.raises(PoolError, match="has only ranks 0-1"):
+            pool.configure(PatchParallelConfig(world_size=1, ranks=(2,), mode="full_sync"))
+
+
+def test_a_pool_runs_a_plan_on_fewer_ranks_and_measures_a_profile():
+    """The pool measures its profile through the production path (solo calls, the all-gather probe,
+    real synchronous and displaced calls), then runs plans on one rank (either one) and on both:
+    every exact plan equals one device."""
+    x, t, ctx, _ = __import__("tasks").inputs("diffusers", "micro", 2, 32, 24)
+    ref = pool_models.micro_reference(x, t, ctx)
+    with pool_models.micro_pool() as pool:
+        for ranks in ((1,), (0,), (0, 1)):
+            pool.configure(PatchParallelConfig(world_size=len(ranks), ranks=ranks, mode="full_sync", cfg_split=False))
+            out = pool(x, t, ctx)
+            assert (out - ref).abs().max() < EXACT
+            idle = [w for w in range(2) if w not in ranks]
+            assert pool.last_call["device_s"][idle[0]] == 0.0 if idle else pool.last_call["bytes_sent"] > 0
+            pool.end_run()
+        base = PatchParallelConfig(world_size=2, mode="auto")
+        profile = measure(pool, x, t, ctx, {}, 4, "micro", "fp32", base)
+        assert len(profile.speeds) == 2 and all(s.per_token > 0 or s.fixed > 0 for s in profile.speeds)
+        assert profile.latency_s > 0 and profile.bytes_per_s > 0 and profile.sync_collectives > 0
+        assert profile.sync_bytes_per_token > 0 and profile.measured["heights"] == [4, 8, 16]
+        assert MachineProfile.from_json(json.loads(json.dumps(profile.to_json()))) == profile
+        for steps, cfg in ((6, 7.0), (20, 1.0)):
+            plan = plan_run(profile, RunShape(tuple(ddim_sigmas(steps)), x.shape[0] if cfg != 1 else 1, 32, 24, 4),
+                            base)
+            pool.configure(plan.config)
+            xx = x if cfg != 1 else x[:1]
+            out = pool(xx, t[:xx.shape[0]], ctx[:xx.shape[0]], sync=plan.is_sync(0))
+            assert (out - pool_models.micro_reference(xx, t[:xx.shape[0]], ctx[:xx.shape[0]])).abs().max() < EXACT
+            pool.end_run()

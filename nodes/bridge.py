@@ -15,12 +15,14 @@ import comfy.patcher_extension
 import torch
 from comfy.ldm.flux.model import Flux
 
-from distri_core import PatchParallelConfig
+from distri_core import Mode, PatchParallelConfig
 from distri_core.layers.attention import UnsupportedInputError
+from distri_core.planner import Plan
 from distri_core.runtime.pool import Cancelled, WorkerPool, available_devices, shared_pool
 from distri_core.surgery.adapters import ComfyFluxAdapter, ComfyUNetAdapter
 
 from .host import HostWithoutUNet, hostless, pool_memory_estimate, track_pool_memory
+from .planning import make_plan, provisional
 from .server_routes import notify
 from .support import explain, unsupported_reasons
 from .weights import COMFY_ROOT, compute_dtype, effective_weights, model_key, model_spec
@@ -87,11 +89,29 @@ class RunState:
         self.settings = settings
         self.pool: WorkerPool | None = None
         self.run: dict = {}
+        self.plan: Plan | None = None  # mode auto: this run's plan (made at its first model call)
+        self.sigmas: tuple[float, ...] = ()
+        self.model = None
 
-    def begin(self, steps: int, shape: tuple) -> None:
-        self.run = {"state": "running", "steps": steps, "step": 0, "shape": list(shape), "calls": 0,
+    @property
+    def auto(self) -> bool:
+        return self.settings.config.mode is Mode.AUTO
+
+    def begin(self, sigmas, shape: tuple) -> None:
+        self.sigmas = tuple(float(s) for s in sigmas)
+        self.plan = None
+        self.run = {"state": "running", "steps": len(self.sigmas) - 1, "step": 0, "shape": list(shape), "calls": 0,
                     "busy_s": 0.0, "started": time.time()}
         notify(self.run)
+
+    def ensure_plan(self, x, timesteps, context, extra: dict) -> None:
+        """mode auto: plan this run at its first model call (measuring the machine once)."""
+        if not self.auto or self.plan is not None or self.pool is None:
+            return
+        self.plan = make_plan(self.pool, self.model, compute_dtype(self.model), self.settings.config, self.sigmas,
+                              x, timesteps, context, extra)
+        self.pool.configure(self.plan.config)
+        self.run["plan"] = self.plan.summary()
 
     def progress(self, step: int | None, sync: bool | None = None) -> None:
         run = self.run
@@ -134,7 +154,8 @@ class RunState:
         s = self.settings
         pool = shared_pool(list(s.devices), sys_path=(COMFY_ROOT,),
                            interrupt_check=comfy.model_management.processing_interrupted)
-        pool.configure(s.config)
+        pool.configure(provisional(s.config))
+        self.model = model
         dtype = compute_dtype(model)
         patched = sum(1 for k, v in model.patches.items() if v and k.startswith("diffusion_model."))
         kind = "transformer" if isinstance(model.model.diffusion_model, Flux) else "UNet"
@@ -148,11 +169,15 @@ class RunState:
     def sync_for(self, step: int | None) -> bool | None:
         """Exact context for the first step plus warm-up steps of this sampling run (per step,
         so samplers that call the model twice a step count steps, not calls)."""
+        if self.plan is not None:
+            return self.plan.is_sync(step)
         return None if step is None else step <= self.settings.config.warmup_steps
 
     def exact_step(self, step: int | None) -> bool:
         """Whether this step runs with exact (synchronous) context, for the panel."""
-        mode = self.settings.config.mode
+        mode = self.plan.config.mode if self.plan is not None else self.settings.config.mode
+        if self.plan is not None and len(self.plan.config.pool_ranks) == 1:
+            return True
         return mode.value == "full_sync" or (mode.communicates and step is not None and self.sync_for(step))
 
     @staticmethod
@@ -190,7 +215,7 @@ def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, *args, 
     guider = executor.class_obj
     state: RunState = guider.model_options["transformer_options"][KEY]
     _check_run(guider)
-    state.begin(len(sigmas) - 1, tuple(latent_image.shape))
+    state.begin(sigmas, tuple(latent_image.shape))
     outcome = "failed"
     try:
         state.acquire(guider.model_patcher)
@@ -230,6 +255,7 @@ def _in_pool(state: RunState, x, timesteps, context, transformer_options: dict, 
     run's first steps, progress to the GUI."""
     key = (tuple(str(u) for u in transformer_options.get("uuids", ())),
            tuple(transformer_options.get("cond_or_uncond", ())))
+    state.ensure_plan(x, timesteps, context, extra)
     step = RunState.step_of(transformer_options)
     out = state.pool(x, timesteps, context, key=key, sync=state.sync_for(step), **extra)
     state.progress(step, state.exact_step(step))

@@ -31,8 +31,9 @@ class PatchParallelConfigNode(io.ComfyNode):
             description=(
                 "Chooses the devices and the DistriFusion mode for Distri Sampler and Distri Model: the image "
                 "is cut into row bands, one per GPU, and each GPU reuses its neighbours' activations from the "
-                "previous step so the exchange hides behind computation. full_sync is exact (equal to one GPU); "
-                "corrected_async_gn is DistriFusion's default and fastest faithful mode."
+                "previous step so the exchange hides behind computation. auto (default) picks the devices, CFG "
+                "split and mode per run from a profile it measures once; full_sync is exact (equal to one GPU); "
+                "corrected_async_gn is DistriFusion's default."
             ),
             inputs=[
                 io.String.Input("devices", default="auto",
@@ -40,13 +41,15 @@ class PatchParallelConfigNode(io.ComfyNode):
                                         "a list such as 'cuda:0,cuda:1'."),
                 io.Int.Input("ranks", default=0, min=0, max=64,
                              tooltip="How many devices to use; 0 = all that 'devices' names."),
-                io.Combo.Input("mode", options=[m.value for m in Mode], default=Mode.CORRECTED_ASYNC_GN.value,
-                               tooltip="full_sync: exact, slowest. corrected_async_gn: DistriFusion default. "
+                io.Combo.Input("mode", options=[m.value for m in Mode], default=Mode.AUTO.value,
+                               tooltip="auto: per run, the fastest layout measured on this machine that keeps the "
+                                       "image faithful (exact below 11 steps; never slower than one GPU). "
+                                       "full_sync: exact. corrected_async_gn: DistriFusion default. "
                                        "sync_gn/stale_gn/separate_gn: other GroupNorm variants. naive_patch: no "
                                        "communication (visible seams; a speed reference only)."),
                 io.Int.Input("warmup_steps", default=4, min=0, max=1000,
                              tooltip="Steps after the first that run exactly before stale activations are used "
-                                     "(DistriFusion: 4 of 50). Raise it for few-step samplers."),
+                                     "(DistriFusion: 4 of 50); in auto, the least warm-up a displaced run gets."),
                 io.Combo.Input("cfg_split", options=list(CFG_SPLIT), default="auto",
                                tooltip="Give the positive and negative prompts to two halves of the GPUs. auto: "
                                        "whenever the GPU count is even and CFG is on."),

@@ -180,3 +180,26 @@ def test_dead_worker_is_a_node_error_and_the_next_prompt_works(env, sd15):
         run_pair(env, sd15, config, steps=2)
     out, ref = run_pair(env, sd15, config, steps=2)
     assert rel_err(out, ref) < 1e-4
+
+
+def test_auto_plans_each_run_and_few_steps_stay_exact(env, sd15, tmp_path, monkeypatch):
+    """mode auto: the first run measures the machine (cached on disk), every run gets a plan; a
+    6-step run is exact (equal to KSampler) whatever layout wins, a 12-step run may be displaced
+    but is synchronous at its first step and never predicted slower than one device."""
+    from distri_patch_parallel_pack.nodes import planning
+
+    monkeypatch.setenv("DISTRI_CACHE_DIR", str(tmp_path / "profiles"))
+    planning._profiles.clear()
+    config = settings(env, mode="auto", cfg_split="auto")
+    out, ref = run_pair(env, sd15, config, steps=6)
+    assert rel_err(out, ref) < 1e-4
+    plan = dict(planning.last_plan)
+    assert plan["mode"] == "full_sync" and plan["steps"] == 6 and plan["batch"] == 2
+    assert plan["predicted_s_per_step"] <= plan["one_device_s_per_step"] * (1 + 1e-9)
+    assert {c["label"] for c in plan["candidates"]} >= {"one device", "2 devices, full_sync"}
+    assert len(list((tmp_path / "profiles").glob("*.json"))) == 1  # measured once, cached
+    planning._profiles.clear()  # the next run reads the disk cache instead of measuring again
+    out, ref = run_pair(env, sd15, config, steps=12, sampler="dpmpp_2m")
+    plan = dict(planning.last_plan)
+    assert plan["steps"] == 12 and 0 in plan["sync_steps"]
+    assert rel_err(out, ref) < (1e-4 if plan["mode"] == "full_sync" else 0.5)

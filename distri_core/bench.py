@@ -298,13 +298,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="run the multi-rank configurations through the persistent WorkerPool (shows its overhead)")
     p.add_argument("--profile", action="store_true",
                    help="count operators and host time per UNet call instead of timing a denoising loop")
+    p.add_argument("--plan", default="", choices=["", "auto"],
+                   help="auto: the planner's choice and prediction against every fixed layout, measured through "
+                        "the pool on the built-in model (tiny, sd15, sdxl) at --sizes and --step-counts")
+    p.add_argument("--sizes", default="256,512,768", help="with --plan: comma list of image sizes")
+    p.add_argument("--step-counts", default="4,8,20,50", help="with --plan: comma list of step counts")
     p.add_argument("--json", default="", help="write the results here (they are also printed)")
     args = p.parse_args(argv)
     for name in ("steps", "repeat", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name}={getattr(args, name)}: use 1 or more")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    report = run_profile(args) if args.profile else run_benchmark(args)
+    if args.plan:
+        from .plan_bench import run_plan_bench
+
+        n = max(int(r) for r in args.ranks.split(","))
+        devices = args.devices.split(",") if args.devices else ["cpu"] * n
+        report = run_plan_bench(args.model, [int(v) for v in args.sizes.split(",")],
+                                [int(v) for v in args.step_counts.split(",")], devices, args.threads, args.warmup)
+    else:
+        report = run_profile(args) if args.profile else run_benchmark(args)
     text = json.dumps(report, indent=2)
     if args.json:
         with open(args.json, "w") as f:

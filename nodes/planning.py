@@ -15,6 +15,7 @@ import torch
 from distri_core import Mode, PatchParallelConfig
 from distri_core.planner import MachineProfile, Plan, RunShape, plan_run
 from distri_core.runtime.profiling import ProfileCache, measure
+from distri_core.schedule import ddim_sigmas
 
 log = logging.getLogger("distri_patch_parallel")
 
@@ -61,6 +62,17 @@ def profile_for(pool, model, dtype: torch.dtype, config: PatchParallelConfig, x,
             log.warning("could not cache the machine profile in %s: %s", CACHE.directory, e)
     _profiles[key] = profile
     return profile
+
+
+def preview_plan(config: PatchParallelConfig, batch: int, height: int, width: int, unit: int,
+                 steps: int) -> Plan | None:
+    """The plan auto would choose for an image of this size (a standard schedule of `steps`), from
+    the last profile measured on these devices; None before any was."""
+    devices = tuple(config.devices)
+    profile = next((p for (d, _, _), p in reversed(list(_profiles.items())) if d == devices), None)
+    if profile is None or height % unit or steps < 1:
+        return None
+    return plan_run(profile, RunShape(tuple(ddim_sigmas(steps)), batch, height, width, unit), config)
 
 
 def make_plan(pool, model, dtype, config: PatchParallelConfig, sigmas, x, timesteps, context, extra: dict) -> Plan:

@@ -85,24 +85,45 @@ def register() -> None:
         try:
             return web.json_response(split_plan(q.get("devices", "auto"), int(q.get("ranks", 0)),
                                                 int(q.get("width", 1024)), int(q.get("height", 1024)),
-                                                q.get("cfg_split", "auto"), q.get("cfg", "on") != "off"))
+                                                q.get("cfg_split", "auto"), q.get("cfg", "on") != "off",
+                                                q.get("mode", "corrected_async_gn"), int(q.get("steps", 20)),
+                                                int(q.get("warmup_steps", 4))))
         except (ValueError, RuntimeError) as e:
             return web.json_response({"error": str(e)})
 
+    @server.routes.post("/distri/profile/reset")
+    async def reset_profiles(request):
+        """Forget the measured machine profiles: mode auto measures again at its next run."""
+        from .planning import forget_profiles
 
-def split_plan(devices: str, ranks: int, width: int, height: int, cfg_split: str, cfg_on: bool) -> dict:
+        return web.json_response({"removed": forget_profiles()})
+
+
+def split_plan(devices: str, ranks: int, width: int, height: int, cfg_split: str, cfg_on: bool,
+               mode: str = "corrected_async_gn", steps: int = 20, warmup: int = 4) -> dict:
     """How an image of width x height pixels is cut: groups of ranks, batch halves, row bands, as the
     engine will cut it: the band unit of the model the pool holds (else SDXL's 32 px, the finest
-    of the supported UNets) and the smaller band for a rank on ComfyUI's own GPU."""
+    of the supported UNets) and the smaller band for a rank on ComfyUI's own GPU. With mode auto,
+    the planner's choice for this size and step count where this machine has a profile (else the
+    plan of every device, until the first run measures one), and the last run's plan."""
     from distri_core import make_layout
     from distri_core.runtime.pool import current_pool
 
     from .config_node import build_settings
+    from .planning import last_plan, preview_plan
 
-    settings = build_settings(devices, ranks, "corrected_async_gn", 4, cfg_split, "auto", "error")
+    settings = build_settings(devices, ranks, mode, warmup, cfg_split, "auto", "error")
     config, resolved = settings.config, settings.devices
     pool = current_pool()
     unit = (pool.model_info.get("unit") if pool is not None else None) or 4
+    auto = None
+    if config.mode.value == "auto":
+        plan = preview_plan(config, 2 if cfg_on else 1, height // 8, width // 8, unit, steps)
+        auto = {"last_run": dict(last_plan), "plan": plan.summary() if plan else None,
+                "text": plan.to_text() if plan else "auto: the layout is chosen at the first run, after measuring "
+                                                       "this machine once (a few seconds)"}
+        if plan is not None:
+            config, resolved = plan.config, plan.config.devices or tuple(resolved[r] for r in plan.config.pool_ranks)
     layout = make_layout(len(resolved), 2 if cfg_on else 1, height // 8, unit, config.split_cfg_possible,
                          config.light_ranks)
     groups = []
@@ -113,4 +134,4 @@ def split_plan(devices: str, ranks: int, width: int, height: int, cfg_split: str
                        "bands": bands})
     return {"width": width, "height": height, "ranks": len(resolved), "cfg_split": len(layout.groups) > 1,
             "unit_px": unit * 8, "unit_from": "the loaded model" if pool is not None and pool.model_info.get("unit")
-            else "SDXL's (no model loaded yet)", "groups": groups}
+            else "SDXL's (no model loaded yet)", "groups": groups, "auto": auto}

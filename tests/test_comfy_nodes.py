@@ -203,3 +203,9 @@ def test_auto_plans_each_run_and_few_steps_stay_exact(env, sd15, tmp_path, monke
     plan = dict(planning.last_plan)
     assert plan["steps"] == 12 and 0 in plan["sync_steps"]
     assert rel_err(out, ref) < (1e-4 if plan["mode"] == "full_sync" else 0.5)
+    # The Config node's preview (/distri/plan) shows the plan auto would choose, with its candidates
+    from distri_patch_parallel_pack.nodes.server_routes import split_plan
+
+    preview = split_plan("cpu", 2, W * 8, H * 8, "auto", True, "auto", 12)
+    assert preview["auto"]["plan"]["candidates"] and "s/step predicted" in preview["auto"]["text"]
+    assert preview["ranks"] == len(preview["auto"]["plan"]["ranks"]) and preview["auto"]["last_run"]["steps"] == 12

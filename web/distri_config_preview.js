@@ -54,11 +54,12 @@ function latentSize(node) {
       const src = graph.getNodeById(graph.links[inp.link]?.origin_id);
       const w = widget(src ?? {}, "width");
       const h = widget(src ?? {}, "height");
-      if (w && h) return { width: w.value, height: h.value, cfg: widget(n, "cfg")?.value ?? 1 };
+      if (w && h) return { width: w.value, height: h.value, cfg: widget(n, "cfg")?.value ?? 1,
+                           steps: widget(n, "steps")?.value ?? 20 };
     }
     for (const out of n.outputs ?? []) for (const id of out.links ?? []) queue.push(graph.links[id]?.target_id);
   }
-  return { width: 1024, height: 1024, cfg: 2, guessed: true };
+  return { width: 1024, height: 1024, cfg: 2, steps: 20, guessed: true };
 }
 
 async function update(node, view) {
@@ -68,6 +69,8 @@ async function update(node, view) {
     ranks: widget(node, "ranks")?.value ?? 0,
     cfg_split: widget(node, "cfg_split")?.value ?? "auto",
     width: size.width, height: size.height, cfg: size.cfg === 1 ? "off" : "on",
+    mode: widget(node, "mode")?.value ?? "auto", steps: size.steps ?? 20,
+    warmup_steps: widget(node, "warmup_steps")?.value ?? 4,
   });
   try {
     const plan = await (await api.fetchApi(`/distri/plan?${q}`)).json();
@@ -81,7 +84,7 @@ async function update(node, view) {
     view.canvas.dataset.bands = plan.groups.reduce((n, g) => n + g.bands.length, 0);
     view.text.textContent = `${plan.width}x${plan.height}${size.guessed ? " (no latent connected yet)" : ""}: ` +
       `${plan.ranks} rank(s)${plan.cfg_split ? ", CFG split" : ""}; bands in rows of ${plan.unit_px} px ` +
-      `(${plan.unit_from})`;
+      `(${plan.unit_from})` + (plan.auto ? `\n${plan.auto.text}` : "");
   } catch (e) {
     view.text.textContent = "split preview unavailable";
   }

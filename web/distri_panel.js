@@ -60,6 +60,11 @@ function draw() {
       (run.sec_per_step ? `, ${run.sec_per_step.toFixed(2)} s/step` : "") +
       (run.speedup_estimate ? `, about ${run.speedup_estimate.toFixed(2)}x one GPU (busy GPU-seconds per second)` : "");
   }
+  if (run.plan) {
+    // mode auto: the plan of this run and what the planner predicted for it
+    runText += ` — plan: ${esc(run.plan.reason)}; predicted ${run.plan.predicted_s_per_step.toFixed(3)} s/step ` +
+      `against ${run.plan.one_device_s_per_step.toFixed(3)} on one device`;
+  }
   root.innerHTML = `
     <div class="distri-panel">
       <h3>Distri Patch Parallel</h3>

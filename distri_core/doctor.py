@@ -101,8 +101,34 @@ def speed(devices: list[str], model: str, size: int, dtype: torch.dtype, calls: 
                         weights)
         many = timed(lambda: pool(x, t, ctx, **extra))
         pool.end_run()
+        predicted = predictions(pool, model, x, t, ctx, extra)
     return {"model": model, "size": size, "batch": 2, "one_device_s": round(one, 4), "all_devices_s": round(many, 4),
-            "devices": len(devices), "speedup": round(one / many, 2)}
+            "devices": len(devices), "speedup": round(one / many, 2), "predicted": predicted}
+
+
+PREDICT_SIZES = (1024, 2048, 4096)
+
+
+def predictions(pool, model: str, x, t, ctx, extra, steps: int = 20) -> list[dict]:
+    """What mode auto would do with this model at 1024^2, 2048^2 and 4096^2 (20 steps, CFG on), from
+    the machine profile measured here (the planner's own measurement)."""
+    from .config import PatchParallelConfig
+    from .planner import RunShape, plan_run
+    from .runtime.profiling import measure
+    from .schedule import ddim_sigmas
+
+    base = PatchParallelConfig(world_size=pool.world, mode="auto")
+    unit = pool.model_info.get("unit") or 8
+    dtype = str(x.dtype).replace("torch.", "")
+    profile = measure(pool, x, t, ctx, extra, unit, model, dtype, base)
+    out = []
+    for size in PREDICT_SIZES:
+        plan = plan_run(profile, RunShape(tuple(ddim_sigmas(steps)), 2, size // 8, size // 8, unit), base)
+        out.append({"size": size, "steps": steps, "plan": plan.reason,
+                    "predicted_s_per_step": round(plan.seconds_per_step, 3),
+                    "one_device_s_per_step": round(plan.one_device_s, 3),
+                    "predicted_speedup": round(plan.predicted_speedup, 2)})
+    return out
 
 
 def verdict(report: dict) -> dict:
@@ -118,7 +144,7 @@ def verdict(report: dict) -> dict:
         return {"ok": False, "summary": f"the worker pool does not work here: {error[-300:]}", "fixes": fixes}
     cpu = report["devices"][0] == "cpu"
     gain = pace.get("speedup", 0)
-    settings = {"devices": "cpu" if cpu else "auto", "mode": "corrected_async_gn", "cfg_split": "auto"}
+    settings = {"devices": "cpu" if cpu else "auto", "mode": "auto", "cfg_split": "auto"}
     slow_links = [p for p in report.get("transport", []) if "host memory" in p["transport"]]
     if slow_links:
         settings["comm_dtype"] = "fp16"
@@ -141,13 +167,16 @@ def run(quick: bool = False) -> dict:
     report["comfyui"] = {"path": str(comfy) if comfy else None, "hint": None if comfy else INSTALL_HINT}
     model, size = ("sd15", 512) if gpus else ("tiny", 256)
     dtype = torch.float16 if gpus else torch.float32
+    # The speed section measures SDXL's shape on GPUs (the planner's predictions are for it); on
+    # CPU ranks SDXL would take minutes per call, so the tiny model stands in (the report says so).
+    speed_model, speed_size = ("sdxl", 1024) if gpus else ("tiny", 256 if quick else 512)
     try:
         report["pool"] = pool_run(devices, model=model, dtypes=("fp16" if gpus else "fp32",), size=size, kill=False)
     except Exception as e:  # noqa: BLE001 - the verdict reports it
         report["pool"] = {"status": "fail", "error": f"{type(e).__name__}: {e}"}
     if report["pool"].get("status") == "pass":
         try:
-            report["speed"] = speed(devices, model, size if quick else 2 * size, dtype)
+            report["speed"] = speed(devices, speed_model, speed_size, dtype)
         except Exception as e:  # noqa: BLE001
             report["speed"] = {"error": f"{type(e).__name__}: {e}"}
     report["verdict"] = verdict(report)
@@ -175,6 +204,10 @@ def text(report: dict) -> str:
     if "speedup" in pace:
         lines.append(f"speed, built-in {pace['model']} UNet at {pace['size']}px, batch 2: one device "
                      f"{pace['one_device_s']} s/call, all devices {pace['all_devices_s']} s/call: {pace['speedup']}x")
+        what = "SDXL" if pace["model"] == "sdxl" else f"the built-in {pace['model']} model (SDXL needs a GPU here)"
+        for p in pace.get("predicted", []):
+            lines.append(f"  mode auto, {what} at {p['size']}x{p['size']}, {p['steps']} steps: {p['plan']}; "
+                         f"{p['predicted_s_per_step']} s/step predicted ({p['predicted_speedup']}x)")
     v = report["verdict"]
     lines.append(("OK: " if v["ok"] else "PROBLEM: ") + v["summary"])
     if v.get("settings"):

@@ -21,8 +21,13 @@ def test_doctor_checks_this_machine_end_to_end(tmp_path):
     assert report["pool"]["status"] == "pass" and all(d["exact"] for d in report["pool"]["dtypes"].values())
     assert report["speed"]["one_device_s"] > 0 and report["speed"]["all_devices_s"] > 0
     assert report["shared_memory"]["free"] > 0 and report["shared_memory"]["needed"] > 0
+    # mode auto's predictions from the machine profile measured here, at 1024, 2048 and 4096
+    predicted = report["speed"]["predicted"]
+    assert [p["size"] for p in predicted] == [1024, 2048, 4096]
+    assert all(0 < p["predicted_s_per_step"] <= p["one_device_s_per_step"] * (1 + 1e-9) for p in predicted)
+    assert "mode auto, the built-in tiny model (SDXL needs a GPU here) at 4096x4096" in done.stdout
     verdict = report["verdict"]
-    assert verdict["ok"] and verdict["settings"]["mode"] == "corrected_async_gn"
+    assert verdict["ok"] and verdict["settings"]["mode"] == "auto"
     assert done.stdout.splitlines()[-1].startswith("use in Patch Parallel Config:")
 
 

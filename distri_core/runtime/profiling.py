@@ -27,25 +27,32 @@ from ..planner import DeviceSpeed, MachineProfile, RunShape, call_seconds, profi
 log = logging.getLogger("distri_core.profiling")
 
 
+FIT_TOLERANCE = 0.02
+
+
 def fit_speed(samples: list[tuple[float, float]]) -> DeviceSpeed:
     """seconds = fixed + per_token * n + per_pair * n^2 through (tokens n, seconds) samples, every
-    coefficient 0 or more (the least-squares fit over the terms that stay non-negative)."""
+    coefficient 0 or more. The fewest terms that fit the samples within FIT_TOLERANCE (relative
+    RMS) win: three samples always fit three terms exactly, and a quadratic term fitted to timing
+    noise would explode when the planner extrapolates to a larger image."""
     n = torch.tensor([s[0] for s in samples], dtype=torch.float64)
     y = torch.tensor([s[1] for s in samples], dtype=torch.float64)
     columns = {"fixed": torch.ones_like(n), "per_token": n, "per_pair": n * n}
-    best, best_err = DeviceSpeed(0.0, float(y.max() / n.max()), 0.0), float("inf")
-    for size in (3, 2, 1):
+    fits: list[tuple[int, float, DeviceSpeed]] = []
+    for size in (1, 2, 3):
         for terms in combinations(columns, size):
             a = torch.stack([columns[t] for t in terms], 1)
             scale = a.abs().max(0).values
             coef = torch.linalg.lstsq(a / scale, y.unsqueeze(1)).solution.squeeze(1) / scale
-            if (coef < 0).any():
-                continue
-            err = float(((a @ coef - y) ** 2).sum())
-            if err < best_err * (1 - 1e-9):
-                values = dict.fromkeys(columns, 0.0) | {t: float(c) for t, c in zip(terms, coef, strict=True)}
-                best, best_err = DeviceSpeed(**values), err
-    return best
+            if (coef < 0).any() or "per_token" not in terms and "per_pair" not in terms:
+                continue  # negative, or flat in the image size (never true of a model)
+            rms = float(((a @ coef - y) ** 2).mean().sqrt() / y.mean().clamp_min(1e-12))
+            values = dict.fromkeys(columns, 0.0) | {t: float(c) for t, c in zip(terms, coef, strict=True)}
+            fits.append((size, rms, DeviceSpeed(**values)))
+    good = [f for f in fits if f[1] <= FIT_TOLERANCE]
+    if good:
+        return min(good, key=lambda f: (f[0], f[1]))[2]
+    return min(fits, key=lambda f: f[1])[2] if fits else DeviceSpeed(0.0, float(y.max() / n.max()), 0.0)
 
 
 def profile_heights(height: int, unit: int, world: int) -> list[int]:

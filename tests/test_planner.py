@@ -170,3 +170,17 @@ def test_a_pool_runs_a_plan_on_fewer_ranks_and_measures_a_profile():
             out = pool(xx, t[:xx.shape[0]], ctx[:xx.shape[0]], sync=plan.is_sync(0))
             assert (out - pool_models.micro_reference(xx, t[:xx.shape[0]], ctx[:xx.shape[0]])).abs().max() < EXACT
             pool.end_run()
+
+
+def test_flow_models_resync_where_their_drift_is_large():
+    """Flux's drift grows towards the end of its schedule: a displaced Flux run is synchronous at
+    its first step and wherever drift > 0.12 (docs/bench/resync.md), not over a fixed warm-up."""
+    from distri_core.planner import FLOW_DRIFT_SYNC, displaced_sync_steps
+
+    run = run_shape(20, 1.0, 2048, flow=True)
+    steps = displaced_sync_steps(run, 4)
+    drift = step_drift(run.sigmas, flow=True)
+    assert steps[0] == 0 and steps == tuple(i for i, d in enumerate(drift) if d > FLOW_DRIFT_SYNC)
+    assert steps[-1] == 19 and 1 not in steps  # the end of the schedule, not a warm-up
+    eps = displaced_sync_steps(run_shape(20, 1.0, 2048), 4)
+    assert eps[:5] == (0, 1, 2, 3, 4)

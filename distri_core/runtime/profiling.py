@@ -30,14 +30,17 @@ log = logging.getLogger("distri_core.profiling")
 FIT_TOLERANCE = 0.02
 
 
-def fit_speed(samples: list[tuple[float, float]]) -> DeviceSpeed:
-    """seconds = fixed + per_token * n + per_pair * n^2 through (tokens n, seconds) samples, every
-    coefficient 0 or more. The fewest terms that fit the samples within FIT_TOLERANCE (relative
-    RMS) win: three samples always fit three terms exactly, and a quadratic term fitted to timing
-    noise would explode when the planner extrapolates to a larger image."""
+def fit_speed(samples: list[tuple[float, ...]]) -> DeviceSpeed:
+    """seconds = fixed + batch * (per_token * n + per_pair * n^2) through (tokens n, seconds) or
+    (tokens n, batch, seconds) samples, every coefficient 0 or more. Samples at two batch sizes
+    tell a per-call cost from a per-token one. The fewest terms that fit the samples within
+    FIT_TOLERANCE (relative RMS) win: three samples always fit three terms exactly, and a
+    quadratic term fitted to timing noise would explode when the planner extrapolates."""
+    samples = [(s[0], 1.0, s[1]) if len(s) == 2 else s for s in samples]
     n = torch.tensor([s[0] for s in samples], dtype=torch.float64)
-    y = torch.tensor([s[1] for s in samples], dtype=torch.float64)
-    columns = {"fixed": torch.ones_like(n), "per_token": n, "per_pair": n * n}
+    b = torch.tensor([s[1] for s in samples], dtype=torch.float64)
+    y = torch.tensor([s[2] for s in samples], dtype=torch.float64)
+    columns = {"fixed": torch.ones_like(n), "per_token": b * n, "per_pair": b * n * n}
     fits: list[tuple[int, float, DeviceSpeed]] = []
     for size in (1, 2, 3):
         for terms in combinations(columns, size):
@@ -75,6 +78,17 @@ def cut_batch(value, batch: int):
     return value
 
 
+def double_batch(value):
+    """One-image inputs repeated to two images (tensors with a batch of 1)."""
+    if isinstance(value, torch.Tensor):
+        return torch.cat([value, value]) if value.dim() and value.shape[0] == 1 else value
+    if isinstance(value, dict):
+        return {k: double_batch(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(double_batch(v) for v in value)
+    return value
+
+
 def measure(pool, x: torch.Tensor, timesteps, context, extra: dict, unit: int, model: str, dtype: str,
             base: PatchParallelConfig) -> MachineProfile:
     """The profile of `pool` with its loaded model, from one call's inputs (`x` [B, C, H, W]; the
@@ -89,14 +103,16 @@ def measure(pool, x: torch.Tensor, timesteps, context, extra: dict, unit: int, m
                     comm_dtype="auto", devices=tuple(pool.devices) if base.devices else ())
     pool.configure(exact)
 
-    samples: list[list[tuple[float, float]]] = [[] for _ in range(world)]
+    samples: list[list[tuple[float, float, float]]] = [[] for _ in range(world)]
     heights = profile_heights(height, unit, world)
-    for h in heights:
-        xs = x1[:, :, :h].contiguous()
-        pool.solo(xs, t1, c1, **e1)  # the first call at a size pays one-time costs
-        seconds = [min(a, b) for a, b in zip(pool.solo(xs, t1, c1, **e1), pool.solo(xs, t1, c1, **e1), strict=True)]
+    x2, t2, c2, e2 = double_batch((x1, t1, c1, e1))
+    for h, two in [(h, False) for h in heights] + [(heights[-1], True)]:
+        args = (x2[:, :, :h].contiguous(), t2, c2) if two else (x1[:, :, :h].contiguous(), t1, c1)
+        kw = e2 if two else e1
+        pool.solo(*args, **kw)  # the first call at a size pays one-time costs
+        seconds = [min(a, b) for a, b in zip(pool.solo(*args, **kw), pool.solo(*args, **kw), strict=True)]
         for r, s in enumerate(seconds):
-            samples[r].append((float(h * width), s))
+            samples[r].append((float(h * width), 2.0 if two else 1.0, s))
     speeds = tuple(fit_speed(s) for s in samples)
 
     if world > 1:
@@ -139,7 +155,7 @@ def measure(pool, x: torch.Tensor, timesteps, context, extra: dict, unit: int, m
         calls["one"] = dict(pool.last_call)
         pool.end_run()
         profile = replace(profile, host_s=calls["one"]["overhead_s"])
-    measured = {"heights": heights, "width": width, "solo_s": [[round(s, 5) for _, s in r] for r in samples],
+    measured = {"heights": heights, "width": width, "solo_s": [[round(s[-1], 5) for s in r] for r in samples],
                 "probe": probe, "calls": {k: {f: v.get(f) for f in ("seconds", "worker_seconds", "overhead_s",
                                                                     "bytes_sent", "collectives")}
                                           for k, v in calls.items()},

@@ -74,12 +74,45 @@ def plots(reports: list[dict], out: Path) -> list[Path]:
     return written
 
 
+PLAN = "distri_core.bench --plan auto"
+
+
+def plan_table(report: dict) -> str:
+    """One row per (size, cfg, steps) of a `--plan auto` report: auto's choice, its predicted and
+    measured s/step, the best allowed fixed layout, and auto's error against one device."""
+    rows = ["| model | size | cfg | steps | auto chose | predicted s/step | measured | prediction error | best fixed "
+            "layout (allowed) | auto / best | auto mean abs err |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        rows.append(f"| {r['model']} | {r['size']} | {r.get('cfg', 5.0):g} | {r['steps']} | {r['auto_layout']} | "
+                    f"{r['auto_predicted_s_per_step']:.3f} | {r['auto_measured_s_per_step']:.3f} | "
+                    f"{r['auto_prediction_error']:+.0%} | {r['best_allowed_layout']} | {r['auto_over_best_allowed']:.2f} | "
+                    f"{r['auto_mean_abs_err']:.2g} |")
+    return "\n".join(rows)
+
+
+def plan_summary(report: dict) -> dict:
+    """How close the planner came over a whole report."""
+    res = report["results"]
+    every = [abs(lay["predicted_over_measured"] - 1) for r in res for lay in r["layouts"]]
+    return {"cases": len(res), "auto_within_25pct": sum(abs(r["auto_prediction_error"]) <= 0.25 for r in res),
+            "auto_within_10pct_of_best": sum(r["auto_over_best_allowed"] <= 1.10 for r in res),
+            "max_auto_over_best": max(r["auto_over_best_allowed"] for r in res),
+            "layouts_within_25pct": sum(e <= 0.25 for e in every), "layouts": len(every)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m distri_core.bench_report", description=__doc__.split("\n\n")[0])
     p.add_argument("reports", nargs="+", help="JSON files written by python -m distri_core.bench --json")
     p.add_argument("--out", default="docs/bench", help="folder for the PNG plots")
     args = p.parse_args(argv)
     reports = [json.loads(Path(f).read_text()) for f in args.reports]
+    plans = [r for r in reports if r.get("benchmark") == PLAN]
+    reports = [r for r in reports if r.get("benchmark") != PLAN]
+    for rep in plans:
+        print(f"### --plan auto, {rep['model']} on {len(rep['devices'])} ranks\n\n{plan_table(rep)}\n\n"
+              f"{json.dumps(plan_summary(rep))}\n")
+    if not reports:
+        return 0
     for rep in reports:
         print(f"### {_label(rep)}\n\n{table(rep)}\n")
     for path in plots(reports, Path(args.out)):

@@ -1,11 +1,11 @@
 """`python -m distri_core.bench --plan auto`: the planner against every fixed layout, measured.
 
-Per model and size: one pool of CPU ranks (or the given GPUs) loads the built-in model, measures
-its machine profile as mode auto does, then for each step count runs the DDIM loop (cfg 5: cond
-and uncond in one call) in every fixed layout the pool allows (one device, all devices exact,
-CFG split, displaced) and reports each one's seconds per step and final-latent error against one
-device, next to the planner's prediction for it and its choice. Auto's run is the fixed layout
-it picks (same ranks, mode and synchronous steps), so its measured time is that layout's.
+Per model, size and cfg (5: cond and uncond in one call; 1: one image): one pool of CPU ranks (or
+the given GPUs) holds the built-in model and measures its machine profile as mode auto does; then,
+for each step count, the DDIM loop runs in every fixed layout the pool allows (one device, all
+devices exact, CFG split, displaced), each reported with its seconds per step, the planner's
+prediction for it, and its final-latent error against one device. Auto's run is the layout it picks
+(same ranks, mode and synchronous steps), so its measured time is that layout's.
 """
 
 from __future__ import annotations
@@ -28,21 +28,26 @@ from .schedule import ddim_sigmas
 log = logging.getLogger("distri_core.bench")
 
 
-def _inputs(model: str, size: int, seed: int = 0):
+def _inputs(model: str, size: int, batch: int, seed: int = 0):
     h = size // 8
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(1, 4, h, h, generator=gen)
     ctx = torch.randn(1, 77, zoo.builtin_context_dim(model), generator=gen)
-    ctx = torch.cat([ctx, torch.zeros_like(ctx)])
-    return x, ctx, zoo.builtin_extra(model, 2)
+    if batch == 2:
+        ctx = torch.cat([ctx, torch.zeros_like(ctx)])
+    return x, ctx, zoo.builtin_extra(model, batch)
 
 
-def _loop(pool, x, ctx, extra, steps: int, sync_steps, guidance: float = 5.0):
+def _loop(pool, x, ctx, extra, steps: int, sync_steps, guidance: float):
     times: list[float] = []
     last = [time.perf_counter()]
+    batch = 2 if guidance != 1.0 else 1
 
     def eps_fn(xt, t, i):
-        out = pool(torch.cat([xt, xt]), torch.full((2,), float(t)), ctx, key=("bench",), sync=i in sync_steps, **extra)
+        xx = torch.cat([xt, xt]) if batch == 2 else xt
+        out = pool(xx, torch.full((batch,), float(t)), ctx, key=("bench",), sync=i in sync_steps, **extra)
+        if batch == 1:
+            return out
         c, u = out.chunk(2)
         return u + guidance * (c - u)
 
@@ -56,13 +61,14 @@ def _loop(pool, x, ctx, extra, steps: int, sync_steps, guidance: float = 5.0):
     return out, times
 
 
-def fixed_layouts(world: int, steps: int, warmup: int) -> list[tuple[str, PatchParallelConfig]]:
-    """Every fixed layout of a pool of `world` ranks: one device, all exact, CFG split, displaced."""
+def fixed_layouts(world: int, steps: int, warmup: int, batch: int = 2) -> list[tuple[str, PatchParallelConfig]]:
+    """Every fixed layout of a pool of `world` ranks: one device, all exact, CFG split (with a
+    batch to split), displaced."""
     out = [("one device", PatchParallelConfig(world_size=1, ranks=(0,), mode=Mode.FULL_SYNC))]
     if world > 1:
         out.append((f"{world} devices, full_sync", PatchParallelConfig(world_size=world, mode=Mode.FULL_SYNC,
                                                                         cfg_split=False)))
-        if world % 2 == 0:
+        if world % 2 == 0 and batch % 2 == 0:
             out.append((f"{world} devices, CFG split, full_sync",
                         PatchParallelConfig(world_size=world, mode=Mode.FULL_SYNC, cfg_split=True)))
         out.append((f"{world} devices, corrected_async_gn",
@@ -72,7 +78,7 @@ def fixed_layouts(world: int, steps: int, warmup: int) -> list[tuple[str, PatchP
 
 
 def run_plan_bench(model: str, sizes: list[int], step_counts: list[int], devices: list[str], threads: int,
-                   warmup: int = 4) -> dict:
+                   warmup: int = 4, guidances: tuple[float, ...] = (5.0, 1.0)) -> dict:
     results = []
     net = zoo.build_builtin(model)
     state = net.state_dict()
@@ -83,16 +89,17 @@ def run_plan_bench(model: str, sizes: list[int], step_counts: list[int], devices
         pool.configure(PatchParallelConfig(world_size=world, mode=Mode.FULL_SYNC))
         info = pool.load_model(("plan-bench", model), spec, weights)
         unit = info["unit"]
-        for size in sizes:
-            x, ctx, extra = _inputs(model, size)
+        for size, guidance in [(z, g) for z in sizes for g in guidances]:
+            batch = 2 if guidance != 1.0 else 1
+            x, ctx, extra = _inputs(model, size, batch)
             base = PatchParallelConfig(world_size=world, mode=Mode.AUTO, warmup_steps=warmup)
-            xx = torch.cat([x, x])
-            profile = measure(pool, xx, torch.full((2,), 500.0), ctx, extra, unit, model, "fp32", base)
+            xx = torch.cat([x] * batch)
+            profile = measure(pool, xx, torch.full((batch,), 500.0), ctx, extra, unit, model, "fp32", base)
             for steps in step_counts:
-                run = RunShape(tuple(ddim_sigmas(steps)), 2, size // 8, size // 8, unit)
+                run = RunShape(tuple(ddim_sigmas(steps)), batch, size // 8, size // 8, unit)
                 plan = plan_run(profile, run, base)
                 rows, ref = [], None
-                for label, config in fixed_layouts(world, steps, warmup):
+                for label, config in fixed_layouts(world, steps, warmup, batch):
                     pool.configure(config)
                     displaced = config.mode is not Mode.FULL_SYNC
                     sync_steps = displaced_sync_steps(run, warmup) if displaced else tuple(range(steps))
@@ -101,7 +108,7 @@ def run_plan_bench(model: str, sizes: list[int], step_counts: list[int], devices
                     n_sync = len(sync_steps)
                     predicted = (n_sync * call_seconds(profile, run, ranks, split, True)
                                  + (steps - n_sync) * call_seconds(profile, run, ranks, split, not displaced)) / steps
-                    out, times = _loop(pool, x, ctx, extra, steps, set(sync_steps))
+                    out, times = _loop(pool, x, ctx, extra, steps, set(sync_steps), guidance)
                     if ref is None:
                         ref = out
                     d = (out - ref).abs()
@@ -111,24 +118,34 @@ def run_plan_bench(model: str, sizes: list[int], step_counts: list[int], devices
                                  "measured_s_per_step": round(measured, 4), "predicted_s_per_step": round(predicted, 4),
                                  "predicted_over_measured": round(predicted / measured, 3),
                                  "mean_abs_err": float(d.mean()), "max_abs_err": float(d.max())})
-                    log.info("%s %dpx %d steps %s: %.3f s/step (predicted %.3f)", model, size, steps, label, measured,
-                             predicted)
+                    log.info("%s %dpx cfg %g %d steps %s: %.3f s/step (predicted %.3f)", model, size, guidance, steps,
+                             label, measured, predicted)
                 chosen = next(r for r in rows if (tuple(r["ranks"]), r["cfg_split"], r["mode"]) ==
                               (plan.config.pool_ranks, bool(plan.config.cfg_split), plan.config.mode.value))
-                allowed = [r for r in rows if r["allowed"]]
-                best = min(allowed, key=lambda r: r["measured_s_per_step"])
-                fastest = min(rows, key=lambda r: r["measured_s_per_step"])
                 results.append({
-                    "model": model, "size": size, "steps": steps, "auto": plan.summary()["reason"],
-                    "auto_layout": chosen["layout"], "auto_predicted_s_per_step": round(plan.seconds_per_step, 4),
-                    "auto_measured_s_per_step": chosen["measured_s_per_step"],
-                    "auto_prediction_error": round(plan.seconds_per_step / chosen["measured_s_per_step"] - 1, 3),
-                    "best_allowed_layout": best["layout"], "best_allowed_s_per_step": best["measured_s_per_step"],
-                    "auto_over_best_allowed": round(chosen["measured_s_per_step"] / best["measured_s_per_step"], 3),
-                    "fastest_layout": fastest["layout"], "auto_mean_abs_err": chosen["mean_abs_err"],
-                    "layouts": rows})
+                    "model": model, "size": size, "cfg": guidance, "batch": batch, "steps": steps,
+                    "auto": plan.summary()["reason"], "auto_layout": chosen["layout"],
+                    "auto_predicted_s_per_step": round(plan.seconds_per_step, 4), "layouts": rows})
             results[-1]["profile"] = profile.to_json()
-    return {"benchmark": "distri_core.bench --plan auto", "model": model, "devices": devices,
+    return summarize({"benchmark": "distri_core.bench --plan auto", "model": model, "devices": devices,
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                         "threads_per_rank": threads},
-            "results": results}
+            "results": results})
+
+
+def summarize(report: dict) -> dict:
+    """Auto's measured time and error (its layout's), the best allowed fixed layout, the fastest
+    one, per case. Layouts a case's batch cannot have (CFG split of one image) are dropped."""
+    for r in report["results"]:
+        if r.get("batch", 2) % 2:
+            r["layouts"] = [lay for lay in r["layouts"] if not lay["cfg_split"]]
+        rows = r["layouts"]
+        chosen = next(lay for lay in rows if lay["layout"] == r["auto_layout"])
+        best = min((lay for lay in rows if lay["allowed"]), key=lambda lay: lay["measured_s_per_step"])
+        r.update(auto_measured_s_per_step=chosen["measured_s_per_step"],
+                 auto_prediction_error=round(r["auto_predicted_s_per_step"] / chosen["measured_s_per_step"] - 1, 3),
+                 best_allowed_layout=best["layout"], best_allowed_s_per_step=best["measured_s_per_step"],
+                 auto_over_best_allowed=round(chosen["measured_s_per_step"] / best["measured_s_per_step"], 3),
+                 fastest_layout=min(rows, key=lambda lay: lay["measured_s_per_step"])["layout"],
+                 auto_mean_abs_err=chosen["mean_abs_err"])
+    return report

@@ -39,3 +39,31 @@ def test_bench_rejects_bad_arguments():
     assert done.returncode == 2 and "--repeat=0: use 1 or more" in done.stderr
     done = subprocess.run([sys.executable, "-m", "distri_core.bench", "--model", "huge"], capture_output=True, text=True)
     assert done.returncode == 2 and "invalid choice: 'huge'" in done.stderr
+
+
+def test_plan_bench_measures_every_layout_next_to_the_planner(tmp_path):
+    """bench --plan auto: for each size, cfg and step count, every fixed layout measured through the
+    pool, the planner's prediction for each, and auto's choice (allowed by the fidelity rule: exact
+    at 4 steps) with its error against one device; bench_report turns it into a table."""
+    out = tmp_path / "plan.json"
+    done = subprocess.run([sys.executable, "-m", "distri_core.bench", "--plan", "auto", "--model", "tiny", "--sizes",
+                           "128", "--step-counts", "4,12", "--json", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert [(r["cfg"], r["steps"]) for r in results] == [(5.0, 4), (5.0, 12), (1.0, 4), (1.0, 12)]
+    for r in results:
+        labels = [lay["layout"] for lay in r["layouts"]]
+        assert labels[0] == "one device" and "2 devices, corrected_async_gn" in labels
+        assert ("2 devices, CFG split, full_sync" in labels) == (r["cfg"] != 1.0)
+        assert r["auto_layout"] in labels and all(lay["predicted_s_per_step"] > 0 for lay in r["layouts"])
+        one = r["layouts"][0]
+        assert one["mean_abs_err"] == 0.0
+        exact = [lay for lay in r["layouts"] if lay["mode"] == "full_sync"]
+        assert all(lay["max_abs_err"] < 1e-3 for lay in exact)
+        if r["steps"] <= 10:
+            assert "corrected_async_gn" not in r["auto_layout"] and r["auto_mean_abs_err"] < 1e-3
+    assert "profile" in results[-1]
+    table = bench_report.plan_table(report)
+    assert table.count("\n") == 1 + len(results) and "auto chose" in table

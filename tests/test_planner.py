@@ -115,7 +115,7 @@ def test_fit_speed_recovers_the_curve_and_stays_non_negative():
     assert linear.per_pair == 0 and linear.per_token == pytest.approx(1e-4, rel=0.05)
     noisy = fit_speed([(100.0, 0.5), (200.0, 0.2), (400.0, 0.9)])
     assert min(noisy.fixed, noisy.per_token, noisy.per_pair) >= 0
-    assert profile_heights(128, 8, 2) == [16, 32, 64] and profile_heights(16, 8, 2) == [8, 16]
+    assert profile_heights(128, 8, 2) == [32, 64, 128] and profile_heights(16, 8, 2) == [8, 16]
 
 
 def test_profile_cache_round_trip(tmp_path, monkeypatch):
@@ -160,7 +160,7 @@ def test_a_pool_runs_a_plan_on_fewer_ranks_and_measures_a_profile():
         profile = measure(pool, x, t, ctx, {}, 4, "micro", "fp32", base)
         assert len(profile.speeds) == 2 and all(s.per_token > 0 or s.fixed > 0 for s in profile.speeds)
         assert profile.latency_s > 0 and profile.bytes_per_s > 0 and profile.sync_collectives > 0
-        assert profile.sync_bytes_per_token > 0 and profile.measured["heights"] == [4, 8, 16]
+        assert profile.sync_bytes_per_token > 0 and profile.measured["heights"] == [8, 16, 32]
         assert MachineProfile.from_json(json.loads(json.dumps(profile.to_json()))) == profile
         for steps, cfg in ((6, 7.0), (20, 1.0)):
             plan = plan_run(profile, RunShape(tuple(ddim_sigmas(steps)), x.shape[0] if cfg != 1 else 1, 32, 24, 4),

@@ -1,8 +1,9 @@
 """Measuring a pool's machine profile for the planner (distri_core.planner), and caching it.
 
 A profile is measured once per pool, model and dtype, in a few seconds, from the run's own
-inputs cut to one image: every rank runs the whole model alone at three heights at the same time
-(its compute curve), the ranks all-gather a small and a large tensor (latency, bandwidth), and
+inputs cut to one image: every rank runs the whole model alone at three heights (a quarter, half
+and all of the image, one image; all of it with two images too) at the same time (its compute
+curve), the ranks all-gather a small and a large tensor (latency, bandwidth), and
 two real calls per kind (synchronous, displaced) on every rank calibrate the distributed layers'
 own cost and the bytes they send per token. It is cached on disk keyed by devices, model and
 dtype (`ProfileCache`), and measured again when the cache is cleared.
@@ -27,7 +28,7 @@ from ..planner import DeviceSpeed, MachineProfile, RunShape, call_seconds, profi
 log = logging.getLogger("distri_core.profiling")
 
 
-FIT_TOLERANCE = 0.02
+FIT_TOLERANCE = 0.05
 
 
 def fit_speed(samples: list[tuple[float, ...]]) -> DeviceSpeed:
@@ -59,11 +60,11 @@ def fit_speed(samples: list[tuple[float, ...]]) -> DeviceSpeed:
 
 
 def profile_heights(height: int, unit: int, world: int) -> list[int]:
-    """Three heights (multiples of `unit`) to time the whole model at: about 1/8, 1/4 and 1/2 of
-    the image, and enough rows at the largest to give every rank a band."""
-    blocks = height // unit
-    top = max(min(blocks, max(world, blocks // 2)), 1)
-    picks = sorted({max(1, top // 4), max(1, top // 2), top})
+    """Three heights (multiples of `unit`) to time the whole model at: about 1/4, 1/2 and all of
+    the image, so that every candidate the planner weighs for this image (a band, or the whole
+    image on one device) lies inside the measured range instead of beyond it."""
+    blocks = max(height // unit, 1)
+    picks = sorted({max(1, blocks // 4), max(1, blocks // 2), blocks})
     return [b * unit for b in picks]
 
 
@@ -124,8 +125,9 @@ def measure(pool, x: torch.Tensor, timesteps, context, extra: dict, unit: int, m
     else:
         probe, latency, bytes_per_s = {}, 0.0, 1e12
 
-    # Calibration: two real calls of each kind on every rank, one image at the largest height.
-    h = heights[-1]
+    # Calibration: real calls of each kind on every rank (the faster of two), one image, at half
+    # the image (the band size of two ranks), where the per-call cost shows more than at full size.
+    h = heights[-2] if len(heights) > 1 and heights[-2] // unit >= world else heights[-1]
     xs = x1[:, :, :h].contiguous()
     run = RunShape((1.0, 0.0), 1, h, width, unit)
     band = max(plan_bands(h, world, unit, base.light_ranks).heights) * width
@@ -137,8 +139,11 @@ def measure(pool, x: torch.Tensor, timesteps, context, extra: dict, unit: int, m
             pool.configure(replace(exact, mode=mode, comm_dtype=base.comm_dtype if mode is not Mode.FULL_SYNC
                                    else "auto"))
             pool(xs, t1, c1, key=("profile", kind), sync=True, **e1)
-            pool(xs, t1, c1, key=("profile", kind), sync=sync, **e1)
-            calls[kind] = dict(pool.last_call)
+            timed = []
+            for _ in range(2):
+                pool(xs, t1, c1, key=("profile", kind), sync=sync, **e1)
+                timed.append(dict(pool.last_call))
+            calls[kind] = min(timed, key=lambda c: c["seconds"])
             pool.end_run()
         pool.configure(exact)
         host = min(c["overhead_s"] for c in calls.values())

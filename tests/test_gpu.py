@@ -74,3 +74,7 @@ def test_doctor_on_this_gpu_machine():
     report = run(quick=True)
     assert report["verdict"]["ok"], report["verdict"]
     assert report["devices"][0].startswith("cuda")
+    # mode auto's predictions for SDXL from the profile measured on these GPUs
+    predicted = report["speed"]["predicted"]
+    assert report["speed"]["model"] == "sdxl" and [p["size"] for p in predicted] == [1024, 2048, 4096]
+    assert all(0 < p["predicted_s_per_step"] <= p["one_device_s_per_step"] * (1 + 1e-9) for p in predicted)

@@ -303,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                         "the pool on the built-in model (tiny, sd15, sdxl) at --sizes and --step-counts")
     p.add_argument("--sizes", default="256,512,768", help="with --plan: comma list of image sizes")
     p.add_argument("--step-counts", default="4,8,20,50", help="with --plan: comma list of step counts")
+    p.add_argument("--cfgs", default="5,1", help="with --plan: comma list of guidance scales (1 = one image a call)")
     p.add_argument("--json", default="", help="write the results here (they are also printed)")
     args = p.parse_args(argv)
     for name in ("steps", "repeat", "threads"):
@@ -315,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         n = max(int(r) for r in args.ranks.split(","))
         devices = args.devices.split(",") if args.devices else ["cpu"] * n
         report = run_plan_bench(args.model, [int(v) for v in args.sizes.split(",")],
-                                [int(v) for v in args.step_counts.split(",")], devices, args.threads, args.warmup)
+                                [int(v) for v in args.step_counts.split(",")], devices, args.threads, args.warmup,
+                                tuple(float(v) for v in args.cfgs.split(",")))
     else:
         report = run_profile(args) if args.profile else run_benchmark(args)
     text = json.dumps(report, indent=2)

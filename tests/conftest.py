@@ -11,6 +11,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import os  # noqa: E402
+import tempfile  # noqa: E402
+
+# mode auto caches machine profiles on disk: the tests (and the ComfyUI servers they start, which
+# inherit the environment) use a directory of their own, never the user's ~/.cache.
+_PROFILES = None if "DISTRI_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="distri-test-profiles-")
+if _PROFILES:
+    os.environ["DISTRI_CACHE_DIR"] = _PROFILES
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _PROFILES:
+        import shutil
+
+        shutil.rmtree(_PROFILES, ignore_errors=True)
+
 from distri_core.comfyui import INSTALL_HINT as COMFY_HINT  # noqa: E402
 from distri_core.comfyui import find_comfyui as comfy_path  # noqa: E402
 from distri_core.runtime.launch import LocalCluster  # noqa: E402

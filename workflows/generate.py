@@ -212,12 +212,13 @@ def _prompts(wf: Workflow, clip: Node, positive: str, negative: str) -> tuple[No
 
 def _note(wf: Workflow, checkpoint: str, size: str, extra: str = "") -> Node:
     return wf.note(f"Before you queue:\n- Load Checkpoint: pick your {checkpoint} model.\n- {size}\n"
-                   "- Patch Parallel Config: 'auto' uses every GPU; list them ('cuda:0,cuda:1') or set ranks to "
-                   "use fewer. full_sync gives exactly KSampler's image." + (f"\n- {extra}" if extra else ""))
+                   "- Patch Parallel Config: devices 'auto' uses every GPU; list them ('cuda:0,cuda:1') or set "
+                   "ranks to use fewer. Mode 'auto' picks the fastest faithful layout per run (the first run "
+                   "measures this machine for a few seconds); full_sync gives exactly KSampler's image." + (f"\n- {extra}" if extra else ""))
 
 
 def _config(wf: Workflow, pos=(420, 580), **overrides) -> Node:
-    values = dict(devices="auto", ranks=0, mode="corrected_async_gn", warmup_steps=4, cfg_split="auto",
+    values = dict(devices="auto", ranks=0, mode="auto", warmup_steps=4, cfg_split="auto",
                   comm_dtype="auto", unsupported="error")
     values.update(overrides)
     return wf.add("DistriPatchParallelConfig", pos, **values)

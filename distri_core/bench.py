@@ -320,12 +320,17 @@ def main(argv: list[str] | None = None) -> int:
                                 tuple(float(v) for v in args.cfgs.split(",")))
     else:
         report = run_profile(args) if args.profile else run_benchmark(args)
+    emit(report, args.json)
+    return 0
+
+
+def emit(report: dict, path: str = "") -> None:
+    """Print a benchmark's JSON, and write it to `path` when one is given (every bench module)."""
     text = json.dumps(report, indent=2)
-    if args.json:
-        with open(args.json, "w") as f:
+    if path:
+        with open(path, "w") as f:
             f.write(text + "\n")
     print(text)
-    return 0
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ on one device computed in the same task. Models have random weights (`distri_cor
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -34,7 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .bench import DTYPES, TRANSFORMERS, _errors, _guided, _inputs, build_model, sampler
+from .bench import DTYPES, TRANSFORMERS, _errors, _guided, _inputs, build_model, emit, sampler
 from .config import PatchParallelConfig
 from .runtime.launch import LocalCluster
 from .schedule import ddim_sigmas, fixed_sync_steps, flow_sigmas, step_drift
@@ -273,11 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                             mode=args.mode, seed=args.seed, threads=args.threads, timeout=args.timeout)
     report["args"] = vars(args)
     report["wall_s"] = round(time.perf_counter() - t0, 1)
-    text = json.dumps(report, indent=2)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    emit(report, args.json)
     return 0
 
 

@@ -8,11 +8,17 @@ import json
 
 import pool_models
 import pytest
-import torch
 
 from distri_core import PatchParallelConfig
-from distri_core.planner import (EXACT_AT_MOST, DeviceSpeed, MachineProfile, RunShape, candidates, plan_run,
-                                 synthetic_profile)
+from distri_core.planner import (
+    EXACT_AT_MOST,
+    DeviceSpeed,
+    MachineProfile,
+    RunShape,
+    candidates,
+    plan_run,
+    synthetic_profile,
+)
 from distri_core.runtime.pool import PoolError
 from distri_core.runtime.profiling import ProfileCache, fit_speed, measure, profile_heights
 from distri_core.schedule import ddim_sigmas, flow_sigmas, step_drift

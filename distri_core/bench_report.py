@@ -90,6 +90,37 @@ def plan_table(report: dict) -> str:
     return "\n".join(rows)
 
 
+SHORT = {"one device": "1 dev", "full_sync": "exact", "CFG split, full_sync": "CFG split",
+         "corrected_async_gn": "displaced"}
+
+
+def _short(layout: str) -> str:
+    if layout == "one device":
+        return "1 dev"
+    n, _, rest = layout.partition(" devices, ")
+    return f"{n}x {SHORT.get(rest, rest)}"
+
+
+def plan_compact(reports: list[dict]) -> str:
+    """The README's table: per model, size and cfg, auto's choice at each step count, its measured
+    time over the best allowed fixed layout's, and its prediction error."""
+    res = [r for rep in reports for r in rep["results"]]
+    steps = sorted({r["steps"] for r in res})
+    rows = ["| model, image, cfg | " + " | ".join(f"{s} steps" for s in steps) + " |",
+            "|---" * (len(steps) + 1) + "|"]
+    groups: dict[tuple, dict] = {}
+    for r in res:
+        groups.setdefault((r["model"], r["size"], r.get("cfg", 5.0)), {})[r["steps"]] = r
+    for (model, size, cfg), by_steps in groups.items():
+        cells = []
+        for s in steps:
+            r = by_steps.get(s)
+            cells.append("" if r is None else f"{_short(r['auto_layout'])} ({r['auto_over_best_allowed']:.2f}, "
+                                              f"{r['auto_prediction_error']:+.0%})")
+        rows.append(f"| {model} {size}², cfg {cfg:g} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def plan_summary(report: dict) -> dict:
     """How close the planner came over a whole report."""
     res = report["results"]

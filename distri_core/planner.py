@@ -67,6 +67,11 @@ class MachineProfile:
     async_bytes_per_token: float
     sync_collectives: float  # blocking collectives per synchronous call
     measured: dict = field(default_factory=dict, compare=False)  # the raw samples, for the record
+    # Band compute of a split call relative to the solo curve, from the calibration calls (below 1
+    # where a band costs less than the solo timing of as many rows, e.g. memory-bound weight reads
+    # on CPU ranks; the layers' extra work shows in the overheads instead).
+    sync_scale: float = 1.0
+    async_scale: float = 1.0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -184,14 +189,20 @@ def call_seconds(profile: MachineProfile, run: RunShape, ranks: tuple[int, ...],
                   for g in groups for i, r in enumerate(g))
     if group == 1:
         return compute + profile.host_s
-    band_tokens = max(bands) * run.width * batch
+    comm = comm_seconds(profile, run, max(bands), group, batch, sync)
     if sync:
-        sent = profile.sync_bytes_per_token * band_tokens
-        comm = profile.sync_collectives * profile.latency_s + sent * (group - 1) / profile.bytes_per_s
-        return compute + profile.sync_overhead_s + comm + profile.host_s
-    sent = profile.async_bytes_per_token * band_tokens
-    comm = sent * (group - 1) / profile.bytes_per_s
-    return max(compute + profile.async_overhead_s, comm) + profile.host_s
+        return compute * profile.sync_scale + profile.sync_overhead_s + comm + profile.host_s
+    return max(compute * profile.async_scale + profile.async_overhead_s, comm) + profile.host_s
+
+
+def comm_seconds(profile: MachineProfile, run: RunShape, band_rows: int, group: int, batch: int, sync: bool) -> float:
+    """Transfer time of one call: blocking collectives in a synchronous call, the stale exchange
+    (hidden behind compute when shorter) in a displaced one."""
+    tokens = band_rows * run.width * batch
+    if sync:
+        sent = profile.sync_bytes_per_token * tokens
+        return profile.sync_collectives * profile.latency_s + sent * (group - 1) / profile.bytes_per_s
+    return profile.async_bytes_per_token * tokens * (group - 1) / profile.bytes_per_s
 
 
 def displaced_sync_steps(run: RunShape, warmup: int) -> tuple[int, ...]:

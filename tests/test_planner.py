@@ -190,3 +190,25 @@ def test_flow_models_resync_where_their_drift_is_large():
     assert steps[-1] == 19 and 1 not in steps  # the end of the schedule, not a warm-up
     eps = displaced_sync_steps(run_shape(20, 1.0, 2048), 4)
     assert eps[:5] == (0, 1, 2, 3, 4)
+
+
+def test_calibration_adds_the_layers_cost_or_scales_a_cheaper_band():
+    from distri_core.planner import call_seconds
+    from distri_core.runtime.profiling import calibrate
+
+    profile = synthetic_profile(2, **SLOW)
+    run = RunShape((1.0, 0.0), 1, 64, 64, 8)
+    ranks = (0, 1)
+    bare_sync = call_seconds(profile, run, ranks, False, True)
+    bare_async = call_seconds(profile, run, ranks, False, False)
+    slower = calibrate(profile, run, ranks, (), bare_sync + 0.1, bare_async + 0.05)
+    assert slower.sync_overhead_s == pytest.approx(SLOW["sync_overhead_s"] + 0.1)
+    assert slower.async_overhead_s == pytest.approx(SLOW["async_overhead_s"] + 0.05)
+    assert call_seconds(slower, run, ranks, False, False) == pytest.approx(bare_async + 0.05)
+    profile = synthetic_profile(2, sync_overhead_s=0.0, async_overhead_s=0.0, **FAST)  # compute-bound
+    bare_sync = call_seconds(profile, run, ranks, False, True)
+    bare_async = call_seconds(profile, run, ranks, False, False)
+    faster = calibrate(profile, run, ranks, (), bare_sync * 0.5, bare_async * 0.8)
+    assert faster.sync_scale == 1.0 and faster.sync_overhead_s == 0.0  # never a scale from a blocking call
+    assert faster.async_scale < 1.0 and call_seconds(faster, run, ranks, False, False) == pytest.approx(
+        bare_async * 0.8, rel=0.02)

@@ -23,7 +23,7 @@ import torch
 
 from ..config import Mode, PatchParallelConfig
 from ..layout import plan_bands
-from ..planner import DeviceSpeed, MachineProfile, RunShape, call_seconds, profile_key
+from ..planner import DeviceSpeed, MachineProfile, RunShape, call_seconds, comm_seconds, profile_key
 
 log = logging.getLogger("distri_core.profiling")
 
@@ -150,23 +150,44 @@ def measure(pool, x: torch.Tensor, timesteps, context, extra: dict, unit: int, m
         s, a = calls["sync"], calls["async"]
         profile = replace(profile, host_s=host, sync_bytes_per_token=s["bytes_sent"] / band,
                           async_bytes_per_token=a["bytes_sent"] / band, sync_collectives=float(s["collectives"]))
-        bare_sync = call_seconds(profile, run, ranks, False, True, base.light_ranks)
-        bare_async = call_seconds(profile, run, ranks, False, False, base.light_ranks)
-        profile = replace(profile, sync_overhead_s=max(0.0, s["seconds"] - bare_sync),
-                          async_overhead_s=max(0.0, a["seconds"] - bare_async))
+        profile = calibrate(profile, run, ranks, base.light_ranks, s["seconds"], a["seconds"])
     else:
         pool(xs, t1, c1, key=("profile", "one"), **e1)
         pool(xs, t1, c1, key=("profile", "one"), **e1)
         calls["one"] = dict(pool.last_call)
         pool.end_run()
         profile = replace(profile, host_s=calls["one"]["overhead_s"])
-    measured = {"heights": heights, "width": width, "solo_s": [[round(s[-1], 5) for s in r] for r in samples],
+    measured = {"heights": heights, "width": width, "calibration_height": h, "unit": unit, "solo_s": [[round(s[-1], 5) for s in r] for r in samples],
                 "probe": probe, "calls": {k: {f: v.get(f) for f in ("seconds", "worker_seconds", "overhead_s",
                                                                     "bytes_sent", "collectives")}
                                           for k, v in calls.items()},
                 "seconds": round(time.perf_counter() - t_start, 2), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     log.info("machine profile of %s on %s measured in %.1f s", model, ", ".join(pool.devices), measured["seconds"])
     return replace(profile, measured=measured)
+
+
+def calibrate(profile: MachineProfile, run: RunShape, ranks: tuple[int, ...], light: tuple[int, ...],
+              sync_s: float, async_s: float) -> MachineProfile:
+    """Fit the profile's prediction of a split call to what one synchronous and one displaced call
+    of `run` on `ranks` measured: time beyond the prediction is the layers' own per-call work (an
+    overhead); time short of it means a band costs less than the solo curve says (a scale)."""
+    bare = replace(profile, sync_overhead_s=0.0, async_overhead_s=0.0, sync_scale=1.0, async_scale=1.0)
+    group = len(ranks)
+    bands = plan_bands(run.height, group, run.unit, tuple(i for i, r in enumerate(ranks) if r in light)).heights
+    compute = max(profile.speeds[r].seconds(bands[i] * run.width, run.tokens, run.batch) for i, r in enumerate(ranks))
+    fixed = {}
+    for kind, measured, sync in (("sync", sync_s, True), ("async", async_s, False)):
+        predicted = call_seconds(bare, run, ranks, False, sync, light)
+        if measured >= predicted or sync:
+            # A synchronous call's blocking exchanges make the difference hard to attribute: only
+            # an extra cost is taken from it, never a scale.
+            fixed[kind] = (max(0.0, measured - predicted), 1.0)
+            continue
+        comm = comm_seconds(bare, run, max(bands), group, run.batch, sync)
+        left = measured - bare.host_s - (comm if sync else 0.0)
+        fixed[kind] = (0.0, min(1.0, max(0.25, left / compute)) if compute > 0 else 1.0)
+    return replace(profile, sync_overhead_s=fixed["sync"][0], sync_scale=fixed["sync"][1],
+                   async_overhead_s=fixed["async"][0], async_scale=fixed["async"][1])
 
 
 def default_cache_dir() -> Path:

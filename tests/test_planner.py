@@ -112,7 +112,7 @@ def test_heterogeneous_devices_use_the_faster_ones_first_when_that_is_faster():
 
 def test_fit_speed_recovers_the_curve_and_stays_non_negative():
     true = DeviceSpeed(0.02, 3e-6, 4e-10)  # attention a third of the time at the largest size
-    samples = [(n, true.seconds(n, n, 1)) for n in (512.0, 2048.0, 8192.0)]
+    samples = [(n, true.seconds(n, n, 1)) for n in (512.0, 2048.0, 4096.0, 8192.0)]
     fit = fit_speed(samples)
     assert fit.fixed == pytest.approx(0.02, rel=1e-3) and fit.per_token == pytest.approx(3e-6, rel=1e-3)
     assert fit.per_pair == pytest.approx(4e-10, rel=1e-2)

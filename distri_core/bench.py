@@ -173,6 +173,29 @@ def _run_pool(n: int, args: argparse.Namespace, mode: str) -> dict:
             "overhead_s_per_call": sum(overhead) / len(overhead)}
 
 
+def experiment_setup(info, model_name: str, size: int, steps: int, guidance: float, dtype: str, seed: int,
+                     mode: str) -> dict:
+    """What the experiment modules (resync_bench, extrapolate_bench) start each task with, on every
+    rank: the model, the loop's inputs, the plain model's loop on this device (the reference every
+    variant is judged against; every rank computes it, so none waits in a collective meanwhile)
+    and an engine over the task's ranks with no warm-up of its own (the loops pass `sync`)."""
+    from .runtime.engine import DistriUNet
+
+    torch_dtype = DTYPES[dtype]
+    device = torch.device(info.device)
+    unet, plain = build_model(model_name, seed, torch_dtype)
+    unet = unet.to(device)
+    x, ctx, extra, batch = _inputs(model_name, size, guidance, torch_dtype, seed, device)
+    loop = sampler(model_name)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        ref = loop(_guided(lambda xx, tt: plain(unet, xx, tt, ctx, **extra), batch, guidance, device), x, steps)
+    ref_s = time.perf_counter() - t0
+    engine = DistriUNet(unet, PatchParallelConfig(world_size=info.world, mode=mode, warmup_steps=0), info.groups)
+    return {"x": x, "ctx": ctx, "extra": extra, "batch": batch, "loop": loop, "ref": ref, "ref_s": ref_s,
+            "engine": engine, "device": device}
+
+
 def _errors(out: torch.Tensor, ref: torch.Tensor) -> dict:
     d = (out - ref).abs()
     mse = float((d ** 2).mean())

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import os
 import platform
@@ -42,8 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .bench import DTYPES, TRANSFORMERS, _errors, _guided, _inputs, build_model, sampler
-from .config import PatchParallelConfig
+from .bench import TRANSFORMERS, _errors, _guided, emit, experiment_setup
 from .runtime.comm import StaleBuffers, _Entry
 from .runtime.launch import LocalCluster
 from .schedule import ddim_sigmas, fixed_sync_steps, flow_sigmas
@@ -251,23 +249,10 @@ def extrapolate_task(info, model_name: str, size: int, steps: int, runs: Sequenc
     variant "probe" runs every step synchronously with the prediction probe; `probe_displaced`
     probes the extrapolating variants' own displaced loops too. Rank 0 returns the reference,
     every run's final latent, seconds, stale and extra bytes, and the probe sums."""
-    from .runtime.engine import DistriUNet
-
-    torch_dtype = DTYPES[dtype]
-    device = torch.device(info.device)
-    unet, plain = build_model(model_name, seed, torch_dtype)
-    unet = unet.to(device)
-    x, ctx, extra, batch = _inputs(model_name, size, guidance, torch_dtype, seed, device)
-    loop = sampler(model_name)
+    e = experiment_setup(info, model_name, size, steps, guidance, dtype, seed, mode)
+    x, ctx, extra, batch, loop, ref, ref_s, engine, device = (e[k] for k in (
+        "x", "ctx", "extra", "batch", "loop", "ref", "ref_s", "engine", "device"))
     factors = extrapolation_factors(loop_sigmas(model_name, steps))
-
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        ref = loop(_guided(lambda xx, tt: plain(unet, xx, tt, ctx, **extra), batch, guidance, device), x, steps)
-    ref_s = time.perf_counter() - t0
-
-    config = PatchParallelConfig(world_size=info.world, mode=mode, warmup_steps=0)
-    engine = DistriUNet(unet, config, info.groups)
     kinds = layer_kinds(engine.installed)
     out_runs = []
     try:
@@ -432,11 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                             timeout=args.timeout)
     report["args"] = vars(args)
     report["wall_s"] = round(time.perf_counter() - t0, 1)
-    text = json.dumps(report, indent=2)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    emit(report, args.json)
     return 0
 
 

@@ -33,8 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .bench import DTYPES, TRANSFORMERS, _errors, _guided, _inputs, build_model, emit, sampler
-from .config import PatchParallelConfig
+from .bench import TRANSFORMERS, _errors, _guided, emit, experiment_setup
 from .runtime.launch import LocalCluster
 from .schedule import ddim_sigmas, fixed_sync_steps, flow_sigmas, step_drift
 
@@ -123,23 +122,9 @@ def resync_task(info, model_name: str, size: int, steps: int, sync_sets: Sequenc
     """On every rank: the plain model's loop (the one-device reference), then one engine loop per
     sync set in the same process, the engine reset between them. Rank 0 returns the reference
     latent, every set's final latent and the seconds of each loop."""
-    from .runtime.engine import DistriUNet
-
-    torch_dtype = DTYPES[dtype]
-    device = torch.device(info.device)
-    unet, plain = build_model(model_name, seed, torch_dtype)
-    unet = unet.to(device)
-    x, ctx, extra, batch = _inputs(model_name, size, guidance, torch_dtype, seed, device)
-    loop = sampler(model_name)
-
-    # Every rank computes the reference (no rank waits on a collective meanwhile).
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        ref = loop(_guided(lambda xx, tt: plain(unet, xx, tt, ctx, **extra), batch, guidance, device), x, steps)
-    ref_s = time.perf_counter() - t0
-
-    config = PatchParallelConfig(world_size=info.world, mode=mode, warmup_steps=0)
-    engine = DistriUNet(unet, config, info.groups)
+    e = experiment_setup(info, model_name, size, steps, guidance, dtype, seed, mode)
+    x, ctx, extra, batch, loop, ref, ref_s, engine, device = (e[k] for k in (
+        "x", "ctx", "extra", "batch", "loop", "ref", "ref_s", "engine", "device"))
     latents, seconds = [], []
     try:
         for sync_set in sync_sets:

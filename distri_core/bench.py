@@ -347,6 +347,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def experiment_args(p: argparse.ArgumentParser) -> None:
+    """The options every experiment module shares."""
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=3600.0)
+    p.add_argument("--json", default="", help="write the results here (they are also printed)")
+
+
+def run_experiment_main(args: argparse.Namespace, experiment) -> int:
+    """Run `experiment()` with logging on, add the arguments and wall time, print and write."""
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    t0 = time.perf_counter()
+    report = experiment()
+    report["args"] = vars(args)
+    report["wall_s"] = round(time.perf_counter() - t0, 1)
+    emit(report, args.json)
+    return 0
+
+
 def emit(report: dict, path: str = "") -> None:
     """Print a benchmark's JSON, and write it to `path` when one is given (every bench module)."""
     text = json.dumps(report, indent=2)

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .bench import TRANSFORMERS, _errors, _guided, emit, experiment_setup
+from .bench import TRANSFORMERS, _errors, _guided, experiment_args, experiment_setup, run_experiment_main
 from .runtime.comm import StaleBuffers, _Entry
 from .runtime.launch import LocalCluster
 from .schedule import ddim_sigmas, fixed_sync_steps, flow_sigmas
@@ -404,21 +404,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--no-probe", action="store_true", help="skip the all-synchronous prediction probe loop")
-    p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=3600.0)
-    p.add_argument("--json", default="", help="write the results here (they are also printed)")
+    experiment_args(p)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    t0 = time.perf_counter()
-    report = run_experiment(_parse_loops(args.loops), variants=args.variants.split(","), warmup=args.warmup,
-                            ranks=args.ranks, seed=args.seed, threads=args.threads, probe=not args.no_probe,
-                            timeout=args.timeout)
-    report["args"] = vars(args)
-    report["wall_s"] = round(time.perf_counter() - t0, 1)
-    emit(report, args.json)
-    return 0
+    return run_experiment_main(args, lambda: run_experiment(
+        _parse_loops(args.loops), variants=args.variants.split(","), warmup=args.warmup, ranks=args.ranks,
+        seed=args.seed, threads=args.threads, probe=not args.no_probe, timeout=args.timeout))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .bench import TRANSFORMERS, _errors, _guided, emit, experiment_setup
+from .bench import TRANSFORMERS, _errors, _guided, experiment_args, experiment_setup, run_experiment_main
 from .runtime.launch import LocalCluster
 from .schedule import ddim_sigmas, fixed_sync_steps, flow_sigmas, step_drift
 
@@ -244,21 +244,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma list of model:size_px:steps[:b1/b2/..] (UNets run DDIM, flux-* flow-matching "
                         "Euler; the optional budgets replace --budgets for that loop)")
     p.add_argument("--budgets", default="2,3,5,8", help="comma list of sync-step counts")
-    p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--mode", default="corrected_async_gn")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=3600.0)
-    p.add_argument("--json", default="", help="write the results here (they are also printed)")
+    experiment_args(p)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    t0 = time.perf_counter()
-    report = run_experiment(_parse_loops(args.loops), [int(b) for b in args.budgets.split(",")], ranks=args.ranks,
-                            mode=args.mode, seed=args.seed, threads=args.threads, timeout=args.timeout)
-    report["args"] = vars(args)
-    report["wall_s"] = round(time.perf_counter() - t0, 1)
-    emit(report, args.json)
-    return 0
+    return run_experiment_main(args, lambda: run_experiment(
+        _parse_loops(args.loops), [int(b) for b in args.budgets.split(",")], ranks=args.ranks, mode=args.mode,
+        seed=args.seed, threads=args.threads, timeout=args.timeout))
 
 
 if __name__ == "__main__":

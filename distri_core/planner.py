@@ -72,6 +72,9 @@ class MachineProfile:
     # on CPU ranks; the layers' extra work shows in the overheads instead).
     sync_scale: float = 1.0
     async_scale: float = 1.0
+    # The smallest load (images x latent tokens on one rank) that ran out of device memory while
+    # profiling; 0 = none did. Layouts that put as much on one rank are not chosen.
+    oom_load: float = 0.0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -245,10 +248,15 @@ def candidates(profile: MachineProfile, run: RunShape, warmup: int, light: tuple
             group = k // 2 if split else k
             if run.height // run.unit < group:
                 continue
+            members = ranks[:group]
+            bands = plan_bands(run.height, group, run.unit, tuple(i for i, r in enumerate(members) if r in light))
+            load = max(bands.heights) * run.width * (run.batch // 2 if split else run.batch)
+            fits = not profile.oom_load or load < profile.oom_load
+            no_room = (f"would not fit: {load} image-tokens on one device, and {profile.oom_load:.0f} ran out of "
+                       "device memory while this machine was profiled")
             sync_s = call_seconds(profile, run, ranks, split, True, light)
-            exact = Candidate(ranks, split, Mode.FULL_SYNC.value, tuple(range(run.steps)), sync_s, sync_s, sync_s,
-                              True, "exact")
-            out.append(exact)
+            out.append(Candidate(ranks, split, Mode.FULL_SYNC.value, tuple(range(run.steps)), sync_s, sync_s, sync_s,
+                                 fits, "exact" if fits else no_room))
             if group == 1:
                 continue  # one rank per batch chunk: nothing to displace
             async_s = call_seconds(profile, run, ranks, split, False, light)
@@ -256,7 +264,8 @@ def candidates(profile: MachineProfile, run: RunShape, warmup: int, light: tuple
             per_step = (n_sync * sync_s + (steps - n_sync) * async_s) / steps
             why = (f"{run.steps} steps: schedules of {EXACT_AT_MOST} steps or fewer never read stale activations"
                    if few else "displaced patch parallelism")
-            out.append(Candidate(ranks, split, DISPLACED.value, displaced_sync, per_step, sync_s, async_s, not few, why))
+            out.append(Candidate(ranks, split, DISPLACED.value, displaced_sync, per_step, sync_s, async_s,
+                                 not few and fits, why if fits else no_room))
     return out
 
 
@@ -268,6 +277,9 @@ def plan_run(profile: MachineProfile, run: RunShape, base: PatchParallelConfig) 
     options = candidates(profile, run, base.warmup_steps, light, base.cfg_split)
     one = next(c for c in options if len(c.ranks) == 1)
     allowed = [c for c in options if c.allowed]
+    if not allowed:  # nothing fits by the profile's measure: the layout that spreads the image most, exact
+        allowed = [max((c for c in options if c.mode == Mode.FULL_SYNC.value),
+                       key=lambda c: (len(c.ranks) // (2 if c.cfg_split else 1), -c.seconds_per_step))]
     best = min(allowed, key=lambda c: c.seconds_per_step)
     if best.mode != Mode.FULL_SYNC.value:
         exact = min((c for c in allowed if c.mode == Mode.FULL_SYNC.value), key=lambda c: c.seconds_per_step)

@@ -75,3 +75,19 @@ def slow_weights(delay: float, seed: int = 0):
         return state[name]
 
     return LazyWeights([(k, tuple(v.shape), v.dtype) for k, v in state.items()], get)
+
+
+def small_gpu_factory(max_load: int = 0, **kwargs):
+    """The micro UNet on a device that runs out of memory above `max_load` images x latent pixels
+    per call, as a small GPU does with CUDA's OutOfMemoryError (the CPU would just swap)."""
+    from diffusers import UNet2DConditionModel
+
+    class SmallGpuUNet(UNet2DConditionModel):
+        def forward(self, sample, *args, **kw):
+            load = sample.shape[0] * sample.shape[2] * sample.shape[3]
+            if load > max_load:
+                raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {load} units (imitated: this "
+                                             f"device holds {max_load})")
+            return super().forward(sample, *args, **kw)
+
+    return SmallGpuUNet(**kwargs)

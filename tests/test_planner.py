@@ -212,3 +212,28 @@ def test_calibration_adds_the_layers_cost_or_scales_a_cheaper_band():
     assert faster.sync_scale == 1.0 and faster.sync_overhead_s == 0.0  # never a scale from a blocking call
     assert faster.async_scale < 1.0 and call_seconds(faster, run, ranks, False, False) == pytest.approx(
         bare_async * 0.8, rel=0.02)
+
+
+def test_a_whole_image_that_does_not_fit_one_device_is_profiled_and_never_planned_on_one():
+    """On a small GPU the solo timing of the whole image runs out of memory (imitated: a model that
+    raises CUDA's OutOfMemoryError above a load): the profile keeps what fitted, records the load,
+    and the plan spreads the image instead of failing or choosing one device."""
+    from pathlib import Path
+
+    from distri_core.runtime.pool import ModelSpec
+
+    x, t, ctx, _ = __import__("tasks").inputs("diffusers", "micro", 1, 32, 24)
+    spec = ModelSpec("pool_models:small_gpu_factory", {**pool_models.micro_spec().kwargs, "max_load": 500},
+                     sys_path=(str(Path(__file__).parent),))
+    with pool_models.micro_pool() as pool:
+        pool.load_model("small-gpu", spec, pool_models.micro_weights)
+        base = PatchParallelConfig(world_size=2, mode="auto")
+        profile = measure(pool, x, t, ctx, {}, 4, "micro-small-gpu", "fp32", base)
+        assert profile.oom_load == 32 * 24 and len(profile.measured["solo_s"][0]) == 2
+        plan = plan_run(profile, RunShape(tuple(ddim_sigmas(6)), 1, 32, 24, 4), base)
+        assert plan.config.world_size == 2 and plan.config.mode.value == "full_sync"
+        one = next(c for c in plan.candidates if len(c.ranks) == 1)
+        assert not one.allowed and "would not fit" in one.why
+        pool.configure(plan.config)
+        out = pool(x, t, ctx)
+        assert (out - pool_models.micro_reference(x, t, ctx)).abs().max() < EXACT

@@ -24,6 +24,7 @@ import torch
 from ..config import Mode, PatchParallelConfig
 from ..layout import plan_bands
 from ..planner import DeviceSpeed, MachineProfile, RunShape, call_seconds, comm_seconds, profile_key
+from .errors import WorkerError
 
 log = logging.getLogger("distri_core.profiling")
 
@@ -79,6 +80,12 @@ def cut_batch(value, batch: int):
     return value
 
 
+def out_of_memory(error: WorkerError) -> bool:
+    """A worker ran out of device memory (CUDA's OutOfMemoryError, or the CPU allocator's)."""
+    text = f"{error.kind} {error.message}".lower()
+    return "outofmemory" in text or "out of memory" in text or "can't allocate memory" in text
+
+
 def double_batch(value):
     """One-image inputs repeated to two images (tensors with a batch of 1)."""
     if isinstance(value, torch.Tensor):
@@ -107,11 +114,23 @@ def measure(pool, x: torch.Tensor, timesteps, context, extra: dict, unit: int, m
     samples: list[list[tuple[float, float, float]]] = [[] for _ in range(world)]
     heights = profile_heights(height, unit, world)
     x2, t2, c2, e2 = double_batch((x1, t1, c1, e1))
+    oom_load = 0.0
     for h, two in [(h, False) for h in heights] + [(heights[-1], True)]:
         args = (x2[:, :, :h].contiguous(), t2, c2) if two else (x1[:, :, :h].contiguous(), t1, c1)
         kw = e2 if two else e1
-        pool.solo(*args, **kw)  # the first call at a size pays one-time costs
-        seconds = [min(a, b) for a, b in zip(pool.solo(*args, **kw), pool.solo(*args, **kw), strict=True)]
+        try:
+            pool.solo(*args, **kw)  # the first call at a size pays one-time costs
+            seconds = [min(a, b) for a, b in zip(pool.solo(*args, **kw), pool.solo(*args, **kw), strict=True)]
+        except WorkerError as e:
+            if not out_of_memory(e) or not samples[0]:
+                raise
+            # A whole image (or two) does not fit on one device: exactly the runs that need several.
+            # Profile with what fitted; the planner will not put this much on one device.
+            oom_load = float((2 if two else 1) * h * width)
+            log.info("profiling: %d x %d rows ran out of device memory; larger loads are not planned on one "
+                     "device", 2 if two else 1, h)
+            pool.release()
+            break
         for r, s in enumerate(seconds):
             samples[r].append((float(h * width), 2.0 if two else 1.0, s))
     speeds = tuple(fit_speed(s) for s in samples)
@@ -132,38 +151,53 @@ def measure(pool, x: torch.Tensor, timesteps, context, extra: dict, unit: int, m
     run = RunShape((1.0, 0.0), 1, h, width, unit)
     band = max(plan_bands(h, world, unit, base.light_ranks).heights) * width
     profile = MachineProfile(tuple(pool.devices), model, dtype, speeds, latency, bytes_per_s, 0.0, 0.0, 0.0, 0.0,
-                             0.0, 0.0)
+                             0.0, 0.0, oom_load=oom_load)
     calls: dict[str, dict] = {}
-    if world > 1:
-        for kind, mode, sync in (("sync", Mode.FULL_SYNC, True), ("async", Mode.CORRECTED_ASYNC_GN, False)):
-            pool.configure(replace(exact, mode=mode, comm_dtype=base.comm_dtype if mode is not Mode.FULL_SYNC
-                                   else "auto"))
-            pool(xs, t1, c1, key=("profile", kind), sync=True, **e1)
-            timed = []
-            for _ in range(2):
-                pool(xs, t1, c1, key=("profile", kind), sync=sync, **e1)
-                timed.append(dict(pool.last_call))
-            calls[kind] = min(timed, key=lambda c: c["seconds"])
-            pool.end_run()
+    try:
+        profile, calls = _calibrate_calls(pool, profile, exact, base, xs, t1, c1, e1, run, band, ranks)
+    except WorkerError as e:
+        if not out_of_memory(e):
+            raise
+        log.info("profiling: a calibration call ran out of device memory; predictions use the solo curve only")
+        pool.release()
         pool.configure(exact)
-        host = min(c["overhead_s"] for c in calls.values())
-        s, a = calls["sync"], calls["async"]
-        profile = replace(profile, host_s=host, sync_bytes_per_token=s["bytes_sent"] / band,
-                          async_bytes_per_token=a["bytes_sent"] / band, sync_collectives=float(s["collectives"]))
-        profile = calibrate(profile, run, ranks, base.light_ranks, s["seconds"], a["seconds"])
-    else:
-        pool(xs, t1, c1, key=("profile", "one"), **e1)
-        pool(xs, t1, c1, key=("profile", "one"), **e1)
-        calls["one"] = dict(pool.last_call)
-        pool.end_run()
-        profile = replace(profile, host_s=calls["one"]["overhead_s"])
-    measured = {"heights": heights, "width": width, "calibration_height": h, "unit": unit, "solo_s": [[round(s[-1], 5) for s in r] for r in samples],
+        calls = {}
+    measured = {"heights": heights, "width": width, "calibration_height": h, "unit": unit, "oom_load": oom_load,
+                "solo_s": [[round(s[-1], 5) for s in r] for r in samples],
                 "probe": probe, "calls": {k: {f: v.get(f) for f in ("seconds", "worker_seconds", "overhead_s",
                                                                     "bytes_sent", "collectives")}
                                           for k, v in calls.items()},
                 "seconds": round(time.perf_counter() - t_start, 2), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     log.info("machine profile of %s on %s measured in %.1f s", model, ", ".join(pool.devices), measured["seconds"])
     return replace(profile, measured=measured)
+
+
+def _calibrate_calls(pool, profile: MachineProfile, exact: PatchParallelConfig, base: PatchParallelConfig, xs, t1,
+                     c1, e1, run: RunShape, band: int, ranks: tuple[int, ...]) -> tuple[MachineProfile, dict]:
+    """Two real calls of each kind (synchronous, displaced) on every rank, the faster one kept:
+    the pool's own cost, the bytes the layers send per token, and `calibrate`'s corrections."""
+    calls: dict[str, dict] = {}
+    if len(ranks) == 1:
+        pool(xs, t1, c1, key=("profile", "one"), **e1)
+        pool(xs, t1, c1, key=("profile", "one"), **e1)
+        calls["one"] = dict(pool.last_call)
+        pool.end_run()
+        return replace(profile, host_s=calls["one"]["overhead_s"]), calls
+    for kind, mode, sync in (("sync", Mode.FULL_SYNC, True), ("async", Mode.CORRECTED_ASYNC_GN, False)):
+        pool.configure(replace(exact, mode=mode, comm_dtype=base.comm_dtype if mode is not Mode.FULL_SYNC else "auto"))
+        pool(xs, t1, c1, key=("profile", kind), sync=True, **e1)
+        timed = []
+        for _ in range(2):
+            pool(xs, t1, c1, key=("profile", kind), sync=sync, **e1)
+            timed.append(dict(pool.last_call))
+        calls[kind] = min(timed, key=lambda c: c["seconds"])
+        pool.end_run()
+    pool.configure(exact)
+    host = min(c["overhead_s"] for c in calls.values())
+    s, a = calls["sync"], calls["async"]
+    profile = replace(profile, host_s=host, sync_bytes_per_token=s["bytes_sent"] / band,
+                      async_bytes_per_token=a["bytes_sent"] / band, sync_collectives=float(s["collectives"]))
+    return calibrate(profile, run, ranks, base.light_ranks, s["seconds"], a["seconds"]), calls
 
 
 def calibrate(profile: MachineProfile, run: RunShape, ranks: tuple[int, ...], light: tuple[int, ...],

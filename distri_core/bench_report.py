@@ -90,7 +90,7 @@ def plan_table(report: dict) -> str:
     return "\n".join(rows)
 
 
-SHORT = {"one device": "1 dev", "full_sync": "exact", "CFG split, full_sync": "CFG split",
+SHORT = {"full_sync": "exact", "CFG split, full_sync": "CFG split",
          "corrected_async_gn": "displaced"}
 
 

@@ -19,7 +19,7 @@ import torch
 
 from . import zoo
 from .config import Mode, PatchParallelConfig
-from .planner import EXACT_AT_MOST, MachineProfile, RunShape, call_seconds, displaced_sync_steps, plan_run
+from .planner import EXACT_AT_MOST, RunShape, displaced_sync_steps, plan_run, step_seconds
 from .runtime.pool import LazyWeights, ModelSpec, WorkerPool
 from .runtime.profiling import measure
 from .sampling import ddim_sample
@@ -106,8 +106,7 @@ def run_plan_bench(model: str, sizes: list[int], step_counts: list[int], devices
                     ranks = config.pool_ranks
                     split = bool(config.cfg_split)
                     n_sync = len(sync_steps)
-                    predicted = (n_sync * call_seconds(profile, run, ranks, split, True)
-                                 + (steps - n_sync) * call_seconds(profile, run, ranks, split, not displaced)) / steps
+                    predicted = step_seconds(profile, run, ranks, split, sync_steps)
                     out, times = _loop(pool, x, ctx, extra, steps, set(sync_steps), guidance)
                     if ref is None:
                         ref = out
@@ -150,47 +149,3 @@ def summarize(report: dict) -> dict:
                  auto_mean_abs_err=chosen["mean_abs_err"])
     return report
 
-
-def replan(report: dict, unit: int) -> dict:
-    """A saved report's predictions and auto choices recomputed by this version of the planner
-    from the report's own recorded profiles (the measured time of every layout is unchanged):
-    how a planner change would have chosen on the same measurements."""
-    from .runtime.profiling import calibrate
-
-    results = report["results"]
-    groups: dict[tuple, list[dict]] = {}
-    for r in results:
-        groups.setdefault((r["size"], r.get("cfg", 5.0)), []).append(r)
-    for (size, _), rows in groups.items():
-        data = next(r["profile"] for r in rows if "profile" in r)
-        profile = MachineProfile.from_json(data)
-        m = profile.measured
-        heights = m["heights"]
-        world = len(profile.devices)
-        h = m.get("calibration_height") or (heights[-2] if len(heights) > 1 and heights[-2] // unit >= world
-                                            else heights[-1])
-        cal = RunShape((1.0, 0.0), 1, h, m["width"], unit)
-        ranks = tuple(range(world))
-        profile = calibrate(profile, cal, ranks, (), m["calls"]["sync"]["seconds"], m["calls"]["async"]["seconds"])
-        for r in rows:
-            batch = r.get("batch", 2)
-            run = RunShape(tuple(ddim_sigmas(r["steps"])), batch, size // 8, size // 8, unit)
-            base = PatchParallelConfig(world_size=world, mode=Mode.AUTO, warmup_steps=report.get("warmup", 4))
-            plan = plan_run(profile, run, base)
-            for lay in r["layouts"]:
-                displaced = lay["mode"] != Mode.FULL_SYNC.value
-                sync_steps = displaced_sync_steps(run, 4) if displaced else tuple(range(r["steps"]))
-                n_sync = len(sync_steps)
-                ranks_l = tuple(lay["ranks"])
-                predicted = (n_sync * call_seconds(profile, run, ranks_l, lay["cfg_split"], True)
-                             + (r["steps"] - n_sync) * call_seconds(profile, run, ranks_l, lay["cfg_split"],
-                                                                    not displaced)) / r["steps"]
-                lay.update(predicted_s_per_step=round(predicted, 4),
-                           predicted_over_measured=round(predicted / lay["measured_s_per_step"], 3))
-            chosen = next(lay for lay in r["layouts"] if (tuple(lay["ranks"]), lay["cfg_split"], lay["mode"]) ==
-                          (plan.config.pool_ranks, bool(plan.config.cfg_split), plan.config.mode.value))
-            r.update(auto=plan.reason, auto_layout=chosen["layout"],
-                     auto_predicted_s_per_step=round(plan.seconds_per_step, 4))
-    report["replanned"] = ("predictions and choices recomputed from the recorded profiles by "
-                           "distri_core.plan_bench.replan; measured times as recorded")
-    return summarize(report)

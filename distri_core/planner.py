@@ -16,17 +16,17 @@ allows:
 - one device is always a candidate, so the chosen plan is never predicted slower than it;
   exact wins over displaced unless displaced is predicted more than `EXACT_PREFERENCE` faster.
 
-Pure arithmetic: no torch.distributed, no processes. Band heights come from `layout.plan_bands`.
+Pure arithmetic: no torch.distributed, no processes. Layouts come from `layout.make_layout`, the
+function the engine cuts every call with.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, replace
 
 from .config import CommDtype, Mode, PatchParallelConfig
-from .layout import plan_bands
+from .layout import CallLayout, make_layout
 from .schedule import fixed_sync_steps, step_drift
 
 EXACT_AT_MOST = 10
@@ -114,8 +114,6 @@ class Candidate:
     mode: str  # full_sync or the displaced mode (one rank per group: no exchange at all)
     sync_steps: tuple[int, ...]
     seconds_per_step: float
-    sync_call_s: float
-    displaced_call_s: float
     allowed: bool
     why: str
 
@@ -177,22 +175,31 @@ def rank_order(world: int, light: tuple[int, ...]) -> tuple[int, ...]:
     return tuple([r for r in range(world) if r not in light] + [r for r in range(world) if r in light])
 
 
+def call_layout(run: RunShape, ranks: tuple[int, ...], split: bool, light: tuple[int, ...] = ()) -> CallLayout:
+    """How the engine cuts a call of `run` on pool `ranks` (`light`: pool ranks on the host's GPU)."""
+    return make_layout(len(ranks), run.batch, run.height, run.unit, split,
+                       tuple(i for i, r in enumerate(ranks) if r in light))
+
+
+def compute_seconds(profile: MachineProfile, run: RunShape, ranks: tuple[int, ...], split: bool,
+                    light: tuple[int, ...] = ()) -> float:
+    """Predicted compute of one call: the slowest rank's band on its solo curve."""
+    layout = call_layout(run, ranks, split, light)
+    return max(profile.speeds[ranks[r]].seconds(layout.bands.heights[band] * run.width, run.tokens, c1 - c0)
+               for (c0, c1), members in zip(layout.chunks, layout.groups, strict=True)
+               for band, r in enumerate(members))
+
+
 def call_seconds(profile: MachineProfile, run: RunShape, ranks: tuple[int, ...], split: bool, sync: bool,
                  light: tuple[int, ...] = ()) -> float:
     """Predicted seconds of one model call of `run` on pool `ranks`."""
-    k = len(ranks)
-    group = k // 2 if split else k
-    batch = run.batch // 2 if split else run.batch
-    members = ranks[:group]  # both halves have the same bands; the slower half decides
-    light_bands = tuple(i for i, r in enumerate(members) if r in light)
-    bands = plan_bands(run.height, group, run.unit, light_bands).heights
-    all_tokens = run.tokens
-    groups = [ranks[:group], ranks[group:]] if split else [ranks]
-    compute = max(profile.speeds[r].seconds(bands[i] * run.width, all_tokens, batch)
-                  for g in groups for i, r in enumerate(g))
+    layout = call_layout(run, ranks, split, light)
+    compute = compute_seconds(profile, run, ranks, split, light)
+    group = layout.bands.parts
     if group == 1:
         return compute + profile.host_s
-    comm = comm_seconds(profile, run, max(bands), group, batch, sync)
+    batch = layout.chunks[0][1] - layout.chunks[0][0]
+    comm = comm_seconds(profile, run, max(layout.bands.heights), group, batch, sync)
     if sync:
         return compute * profile.sync_scale + profile.sync_overhead_s + comm + profile.host_s
     return max(compute * profile.async_scale + profile.async_overhead_s, comm) + profile.host_s
@@ -206,6 +213,18 @@ def comm_seconds(profile: MachineProfile, run: RunShape, band_rows: int, group: 
         sent = profile.sync_bytes_per_token * tokens
         return profile.sync_collectives * profile.latency_s + sent * (group - 1) / profile.bytes_per_s
     return profile.async_bytes_per_token * tokens * (group - 1) / profile.bytes_per_s
+
+
+def step_seconds(profile: MachineProfile, run: RunShape, ranks: tuple[int, ...], split: bool,
+                 sync_steps: tuple[int, ...], light: tuple[int, ...] = ()) -> float:
+    """Predicted seconds per step of a run whose `sync_steps` are synchronous and the others
+    displaced (every step synchronous: an exact run)."""
+    sync_s = call_seconds(profile, run, ranks, split, True, light)
+    n_sync = len(sync_steps)
+    if n_sync >= run.steps:
+        return sync_s
+    async_s = call_seconds(profile, run, ranks, split, False, light)
+    return (n_sync * sync_s + (run.steps - n_sync) * async_s) / run.steps
 
 
 def displaced_sync_steps(run: RunShape, warmup: int) -> tuple[int, ...]:
@@ -226,19 +245,17 @@ def displaced_sync_steps(run: RunShape, warmup: int) -> tuple[int, ...]:
 
 
 def candidates(profile: MachineProfile, run: RunShape, warmup: int, light: tuple[int, ...] = (),
-               cfg_split: bool | None = None, max_ranks: int | None = None) -> list[Candidate]:
+               cfg_split: bool | None = None) -> list[Candidate]:
     """Every layout of `run` on the profile's devices, with its predicted seconds per step and
     whether the fidelity rule allows it. `cfg_split` None = try both; True/False = only that."""
     world = len(profile.devices)
     order = rank_order(world, light)
-    steps = max(run.steps, 1)
     few = run.steps <= EXACT_AT_MOST
     displaced_sync = displaced_sync_steps(run, warmup)
+    exact_steps = tuple(range(run.steps))
     out = []
-    for k in range(1, min(world, max_ranks or world) + 1):
+    for k in range(1, world + 1):
         ranks = tuple(sorted(order[:k]))
-        if run.height // run.unit < (k // 2 if k % 2 == 0 else k) and k > 1:
-            continue  # too few rows to give every rank a band
         splits = [False]
         if k % 2 == 0 and run.batch % 2 == 0 and cfg_split is not False:
             splits = [True] if cfg_split is True else [False, True]
@@ -247,24 +264,21 @@ def candidates(profile: MachineProfile, run: RunShape, warmup: int, light: tuple
         for split in splits:
             group = k // 2 if split else k
             if run.height // run.unit < group:
-                continue
-            members = ranks[:group]
-            bands = plan_bands(run.height, group, run.unit, tuple(i for i, r in enumerate(members) if r in light))
-            load = max(bands.heights) * run.width * (run.batch // 2 if split else run.batch)
+                continue  # too few rows to give every rank a band
+            layout = call_layout(run, ranks, split, light)
+            load = max(layout.bands.heights) * run.width * (layout.chunks[0][1] - layout.chunks[0][0])
             fits = not profile.oom_load or load < profile.oom_load
             no_room = (f"would not fit: {load} image-tokens on one device, and {profile.oom_load:.0f} ran out of "
                        "device memory while this machine was profiled")
-            sync_s = call_seconds(profile, run, ranks, split, True, light)
-            out.append(Candidate(ranks, split, Mode.FULL_SYNC.value, tuple(range(run.steps)), sync_s, sync_s, sync_s,
+            out.append(Candidate(ranks, split, Mode.FULL_SYNC.value, exact_steps,
+                                 step_seconds(profile, run, ranks, split, exact_steps, light),
                                  fits, "exact" if fits else no_room))
             if group == 1:
                 continue  # one rank per batch chunk: nothing to displace
-            async_s = call_seconds(profile, run, ranks, split, False, light)
-            n_sync = len(displaced_sync)
-            per_step = (n_sync * sync_s + (steps - n_sync) * async_s) / steps
             why = (f"{run.steps} steps: schedules of {EXACT_AT_MOST} steps or fewer never read stale activations"
                    if few else "displaced patch parallelism")
-            out.append(Candidate(ranks, split, DISPLACED.value, displaced_sync, per_step, sync_s, async_s,
+            out.append(Candidate(ranks, split, DISPLACED.value, displaced_sync,
+                                 step_seconds(profile, run, ranks, split, displaced_sync, light),
                                  not few and fits, why if fits else no_room))
     return out
 
@@ -324,8 +338,3 @@ def synthetic_profile(devices: int, *, per_token: float = 1.5e-6, per_pair: floa
     return MachineProfile(tuple(f"cuda:{i}" for i in range(devices)), "synthetic", "fp16",
                           speeds or (speed,) * devices, latency_s, bytes_per_s, host_s, sync_overhead_s,
                           async_overhead_s, sync_bytes_per_token, async_bytes_per_token, sync_collectives)
-
-
-def not_slower(plan: Plan, tolerance: float = 1e-9) -> bool:
-    return plan.seconds_per_step <= plan.one_device_s * (1 + tolerance) or math.isclose(
-        plan.seconds_per_step, plan.one_device_s)

@@ -22,8 +22,16 @@ from pathlib import Path
 import torch
 
 from ..config import Mode, PatchParallelConfig
-from ..layout import plan_bands
-from ..planner import DeviceSpeed, MachineProfile, RunShape, call_seconds, comm_seconds, profile_key
+from ..planner import (
+    DeviceSpeed,
+    MachineProfile,
+    RunShape,
+    call_layout,
+    call_seconds,
+    comm_seconds,
+    compute_seconds,
+    profile_key,
+)
 from .errors import WorkerError
 
 log = logging.getLogger("distri_core.profiling")
@@ -149,7 +157,7 @@ def measure(pool, x: torch.Tensor, timesteps, context, extra: dict, unit: int, m
     h = heights[-2] if len(heights) > 1 and heights[-2] // unit >= world else heights[-1]
     xs = x1[:, :, :h].contiguous()
     run = RunShape((1.0, 0.0), 1, h, width, unit)
-    band = max(plan_bands(h, world, unit, base.light_ranks).heights) * width
+    band = max(call_layout(run, ranks, False, base.light_ranks).bands.heights) * width
     profile = MachineProfile(tuple(pool.devices), model, dtype, speeds, latency, bytes_per_s, 0.0, 0.0, 0.0, 0.0,
                              0.0, 0.0, oom_load=oom_load)
     calls: dict[str, dict] = {}
@@ -207,8 +215,8 @@ def calibrate(profile: MachineProfile, run: RunShape, ranks: tuple[int, ...], li
     overhead); time short of it means a band costs less than the solo curve says (a scale)."""
     bare = replace(profile, sync_overhead_s=0.0, async_overhead_s=0.0, sync_scale=1.0, async_scale=1.0)
     group = len(ranks)
-    bands = plan_bands(run.height, group, run.unit, tuple(i for i, r in enumerate(ranks) if r in light)).heights
-    compute = max(profile.speeds[r].seconds(bands[i] * run.width, run.tokens, run.batch) for i, r in enumerate(ranks))
+    bands = call_layout(run, ranks, False, light).bands.heights
+    compute = compute_seconds(profile, run, ranks, False, light)
     fixed = {}
     for kind, measured, sync in (("sync", sync_s, True), ("async", async_s, False)):
         predicted = call_seconds(bare, run, ranks, False, sync, light)

@@ -32,6 +32,7 @@ from ..planner import (
     compute_seconds,
     profile_key,
 )
+from ..surgery.adapters import chunk_batch
 from .errors import WorkerError
 
 log = logging.getLogger("distri_core.profiling")
@@ -77,17 +78,6 @@ def profile_heights(height: int, unit: int, world: int) -> list[int]:
     return [b * unit for b in picks]
 
 
-def cut_batch(value, batch: int):
-    """A call's inputs for its first image only (tensors whose first dimension is the batch)."""
-    if isinstance(value, torch.Tensor):
-        return value[:1] if value.dim() and value.shape[0] == batch else value
-    if isinstance(value, dict):
-        return {k: cut_batch(v, batch) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(cut_batch(v, batch) for v in value)
-    return value
-
-
 def out_of_memory(error: WorkerError) -> bool:
     """A worker ran out of device memory (CUDA's OutOfMemoryError, or the CPU allocator's)."""
     text = f"{error.kind} {error.message}".lower()
@@ -112,7 +102,7 @@ def measure(pool, x: torch.Tensor, timesteps, context, extra: dict, unit: int, m
     dtype and host device. Leaves the pool configured with `base`'s ranks in full_sync."""
     t_start = time.perf_counter()
     batch, height, width = x.shape[0], x.shape[2], x.shape[3]
-    x1, t1, c1, e1 = cut_batch((x, timesteps, context, extra), batch)
+    x1, t1, c1, e1 = chunk_batch((x, timesteps, context, extra), 0, 1, batch)
     world = pool.world
     ranks = tuple(range(world))
     exact = replace(base, world_size=world, ranks=(), mode=Mode.FULL_SYNC, cfg_split=False, warmup_steps=0,

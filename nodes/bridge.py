@@ -175,9 +175,7 @@ class RunState:
 
     def exact_step(self, step: int | None) -> bool:
         """Whether this step runs with exact (synchronous) context, for the panel."""
-        mode = self.plan.config.mode if self.plan is not None else self.settings.config.mode
-        if self.plan is not None and len(self.plan.config.pool_ranks) == 1:
-            return True
+        mode = self.plan.config.mode if self.plan is not None else self.settings.config.mode  # one device: full_sync
         return mode.value == "full_sync" or (mode.communicates and step is not None and self.sync_for(step))
 
     @staticmethod

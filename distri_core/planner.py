@@ -23,6 +23,7 @@ function the engine cuts every call with.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 
 from .config import CommDtype, Mode, PatchParallelConfig
@@ -75,6 +76,12 @@ class MachineProfile:
     # The smallest load (images x latent tokens on one rank) that ran out of device memory while
     # profiling; 0 = none did. Layouts that put as much on one rank are not chosen.
     oom_load: float = 0.0
+    # A whole call on one device alone, relative to the solo curve (measured with every rank busy).
+    one_overhead_s: float = 0.0
+    one_scale: float = 1.0
+    # Every calibration measured (one per run shape: batch, height, width), with the fields above
+    # it sets; `for_run` picks the one nearest a run's load.
+    calibrations: tuple[dict, ...] = ()
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -84,7 +91,38 @@ class MachineProfile:
         data = dict(data)
         data["devices"] = tuple(data["devices"])
         data["speeds"] = tuple(DeviceSpeed(**s) for s in data["speeds"])
+        data["calibrations"] = tuple(data.get("calibrations", ()))
         return MachineProfile(**data)
+
+    def calibrated_at(self, run: RunShape) -> bool:
+        """Whether a calibration was measured at `run`'s own batch and latent size."""
+        return any(shape_of(c) == (run.batch, run.height, run.width) for c in self.calibrations)
+
+    def for_run(self, run: RunShape) -> MachineProfile:
+        """This profile with the calibration measured nearest `run`'s load (images x latent tokens;
+        the same shape when there is one). A band's cost relative to the solo curve, and the layers'
+        own cost, change with the load: calibrated on one image at half the height, the prediction of
+        a displaced two-image call at full height was 34-40% too fast (docs/bench/plan.md)."""
+        measured = [c for c in self.calibrations if "host_s" in c]
+        if not measured:
+            return self
+        load = run.batch * run.tokens
+
+        def distance(c: dict) -> tuple[float, float]:
+            b, h, w = shape_of(c)
+            return abs(math.log(max(b * h * w, 1) / max(load, 1))), -b * h * w
+
+        best = min(measured, key=distance)
+        return replace(self, **{k: best[k] for k in CALIBRATED if k in best})
+
+
+CALIBRATED = ("host_s", "sync_overhead_s", "async_overhead_s", "sync_scale", "async_scale", "one_overhead_s",
+              "one_scale")
+MAX_CALIBRATIONS = 16
+
+
+def shape_of(calibration: dict) -> tuple[int, int, int]:
+    return int(calibration["batch"]), int(calibration["height"]), int(calibration["width"])
 
 
 @dataclass(frozen=True)
@@ -196,6 +234,8 @@ def call_seconds(profile: MachineProfile, run: RunShape, ranks: tuple[int, ...],
     layout = call_layout(run, ranks, split, light)
     compute = compute_seconds(profile, run, ranks, split, light)
     group = layout.bands.parts
+    if len(ranks) == 1:
+        return compute * profile.one_scale + profile.one_overhead_s + profile.host_s
     if group == 1:
         return compute + profile.host_s
     batch = layout.chunks[0][1] - layout.chunks[0][0]
@@ -218,7 +258,8 @@ def comm_seconds(profile: MachineProfile, run: RunShape, band_rows: int, group: 
 def step_seconds(profile: MachineProfile, run: RunShape, ranks: tuple[int, ...], split: bool,
                  sync_steps: tuple[int, ...], light: tuple[int, ...] = ()) -> float:
     """Predicted seconds per step of a run whose `sync_steps` are synchronous and the others
-    displaced (every step synchronous: an exact run)."""
+    displaced (every step synchronous: an exact run), with the calibration nearest the run."""
+    profile = profile.for_run(run)
     sync_s = call_seconds(profile, run, ranks, split, True, light)
     n_sync = len(sync_steps)
     if n_sync >= run.steps:

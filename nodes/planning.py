@@ -14,7 +14,7 @@ import torch
 
 from distri_core import Mode, PatchParallelConfig
 from distri_core.planner import MachineProfile, Plan, RunShape, plan_run
-from distri_core.runtime.profiling import ProfileCache, measure
+from distri_core.runtime.profiling import ProfileCache, calibrate_run, measure
 from distri_core.schedule import ddim_sigmas
 
 log = logging.getLogger("distri_patch_parallel")
@@ -50,12 +50,18 @@ def profile_for(pool, model, dtype: torch.dtype, config: PatchParallelConfig, x,
     name, dtype_name = model_name(model), str(dtype).replace("torch.", "")
     key = (tuple(pool.devices), name, dtype_name)
     profile = _profiles.get(key) or CACHE.get(*key)
-    if profile is None:
-        log.info("Distri auto: measuring this machine for %s on %s (once; cached in %s)", name,
-                 ", ".join(pool.devices), CACHE.directory)
-        extra = {k: v for k, v in extra.items() if k != "control"}
-        profile = measure(pool, x, timesteps, context, extra, pool.model_info.get("unit") or 8, name, dtype_name,
-                          config)
+    unit = pool.model_info.get("unit") or 8
+    extra = {k: v for k, v in extra.items() if k != "control"}
+    shape = RunShape((1.0, 0.0), x.shape[0], x.shape[2], x.shape[3], unit)
+    if profile is None or not profile.calibrated_at(shape):
+        if profile is None:
+            log.info("Distri auto: measuring this machine for %s on %s (once; cached in %s)", name,
+                     ", ".join(pool.devices), CACHE.directory)
+            profile = measure(pool, x, timesteps, context, extra, unit, name, dtype_name, config)
+        else:
+            log.info("Distri auto: calibrating %s on %s at %d x %dx%d latents (once per size)", name,
+                     ", ".join(pool.devices), x.shape[0], x.shape[3], x.shape[2])
+            profile = calibrate_run(pool, profile, x, timesteps, context, extra, unit, config)
         try:
             CACHE.put(profile)
         except OSError as e:

@@ -8,6 +8,7 @@ failures must behave as a user expects.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -203,9 +204,17 @@ def test_auto_plans_each_run_and_few_steps_stay_exact(env, sd15, tmp_path, monke
     plan = dict(planning.last_plan)
     assert plan["steps"] == 12 and 0 in plan["sync_steps"]
     assert rel_err(out, ref) < (1e-4 if plan["mode"] == "full_sync" else 0.5)
+    # Another batch and size: the cached profile gets a calibration there (a few calls), no new profile
+    (cached,) = (tmp_path / "profiles").glob("*.json")
+    before = json.loads(cached.read_text())
+    out, ref = run_pair(env, sd15, config, steps=4, cfg=1.0, latent=comfy_host._latent(16, W))
+    assert rel_err(out, ref) < 1e-4 and planning.last_plan["batch"] == 1
+    after = json.loads(cached.read_text())
+    assert after["measured"] == before["measured"]
+    assert [(c["batch"], c["height"], c["width"]) for c in after["calibrations"]] == [(2, H, W), (1, 16, W)]
     # The Config node's preview (/distri/plan) shows the plan auto would choose, with its candidates
     from distri_patch_parallel_pack.nodes.server_routes import split_plan
 
     preview = split_plan("cpu", 2, W * 8, H * 8, "auto", True, "auto", 12)
     assert preview["auto"]["plan"]["candidates"] and "s/step predicted" in preview["auto"]["text"]
-    assert preview["ranks"] == len(preview["auto"]["plan"]["ranks"]) and preview["auto"]["last_run"]["steps"] == 12
+    assert preview["ranks"] == len(preview["auto"]["plan"]["ranks"]) and preview["auto"]["last_run"]["steps"] == 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 
 import pool_models
 import pytest
@@ -15,12 +16,14 @@ from distri_core.planner import (
     DeviceSpeed,
     MachineProfile,
     RunShape,
+    call_seconds,
     candidates,
     plan_run,
+    step_seconds,
     synthetic_profile,
 )
 from distri_core.runtime.pool import PoolError
-from distri_core.runtime.profiling import ProfileCache, fit_speed, measure, profile_heights
+from distri_core.runtime.profiling import ProfileCache, calibrate_run, fit_speed, measure, profile_heights
 from distri_core.schedule import ddim_sigmas, flow_sigmas, step_drift
 
 EXACT = 1e-4
@@ -168,6 +171,15 @@ def test_a_pool_runs_a_plan_on_fewer_ranks_and_measures_a_profile():
         assert profile.latency_s > 0 and profile.bytes_per_s > 0 and profile.sync_collectives > 0
         assert profile.sync_bytes_per_token > 0 and profile.measured["heights"] == [8, 16, 32]
         assert MachineProfile.from_json(json.loads(json.dumps(profile.to_json()))) == profile
+        # Calibrated at the run's own batch and size: one device alone, synchronous, displaced.
+        (first,) = profile.calibrations
+        assert (first["batch"], first["height"], first["width"]) == (2, 32, 24)
+        assert set(first["calls"]) == {"one", "sync", "async"} and first["calls"]["one"]["bytes_sent"] == 0
+        one = x[:1, :, :16].contiguous()
+        profile = calibrate_run(pool, profile, one, t[:1], ctx[:1], {}, 4, base)
+        assert [(c["batch"], c["height"]) for c in profile.calibrations] == [(2, 32), (1, 16)]
+        assert profile.calibrated_at(RunShape((1.0, 0.0), 1, 16, 24, 4))
+        assert not profile.calibrated_at(RunShape((1.0, 0.0), 1, 32, 24, 4))
         for steps, cfg in ((6, 7.0), (20, 1.0)):
             plan = plan_run(profile, RunShape(tuple(ddim_sigmas(steps)), x.shape[0] if cfg != 1 else 1, 32, 24, 4),
                             base)
@@ -212,6 +224,43 @@ def test_calibration_adds_the_layers_cost_or_scales_a_cheaper_band():
     assert faster.sync_scale == 1.0 and faster.sync_overhead_s == 0.0  # never a scale from a blocking call
     assert faster.async_scale < 1.0 and call_seconds(faster, run, ranks, False, False) == pytest.approx(
         bare_async * 0.8, rel=0.02)
+
+
+def test_a_run_is_predicted_with_the_calibration_nearest_its_load():
+    """Calibrated on one image at half the height, a two-image call at full height was predicted
+    34-40% too fast (docs/bench/plan.md): each run takes the calibration measured nearest its
+    load, the same shape when there is one."""
+    cal = dict(host_s=0.001, sync_overhead_s=0.0, async_overhead_s=0.0, sync_scale=1.0, one_overhead_s=0.0,
+               one_scale=1.0)
+    small = {"batch": 1, "height": 32, "width": 64, **cal, "async_scale": 0.5}
+    big = {"batch": 2, "height": 64, "width": 64, **cal, "async_scale": 1.0, "async_overhead_s": 0.05}
+    failed = {"batch": 2, "height": 128, "width": 128, "out_of_memory": True}
+    profile = replace(synthetic_profile(2, **SLOW), calibrations=(small, big, failed))
+    assert profile.for_run(RunShape((1.0, 0.0), 2, 64, 64, 8)).async_overhead_s == 0.05
+    assert profile.for_run(RunShape((1.0, 0.0), 1, 40, 64, 8)).async_scale == 0.5
+    assert profile.for_run(RunShape((1.0, 0.0), 2, 128, 128, 8)).async_overhead_s == 0.05  # nearest measured
+    assert profile.calibrated_at(RunShape((1.0, 0.0), 2, 128, 128, 8))  # out of memory there: not tried again
+    assert MachineProfile.from_json(json.loads(json.dumps(profile.to_json()))) == profile
+    run = RunShape(tuple(ddim_sigmas(20)), 2, 64, 64, 8)
+    slow = step_seconds(profile, run, (0, 1), False, (0,))
+    assert slow == pytest.approx(step_seconds(profile.for_run(run), run, (0, 1), False, (0,)))
+    assert slow > step_seconds(replace(profile, calibrations=(small,)), run, (0, 1), False, (0,))
+    assert synthetic_profile(2).for_run(run) == synthetic_profile(2)  # no calibration: the profile's own fields
+
+
+def test_one_device_alone_is_calibrated_too():
+    from distri_core.runtime.profiling import calibrate
+
+    profile = synthetic_profile(2, **SLOW)
+    run = RunShape((1.0, 0.0), 2, 64, 64, 8)
+    bare = call_seconds(profile, run, (0,), False, True)
+    slower = calibrate(profile, run, (0, 1), (), None, None, bare + 0.01, 0)
+    assert slower.one_overhead_s == pytest.approx(0.01) and call_seconds(slower, run, (1,), False, True) == (
+        pytest.approx(bare + 0.01))
+    faster = calibrate(profile, run, (0, 1), (), None, None, bare * 0.7, 0)
+    assert faster.one_scale < 1.0 and call_seconds(faster, run, (0,), False, True) == pytest.approx(bare * 0.7)
+    # CFG split (one rank per image) keeps the solo curve: both ranks busy, as when it was measured
+    assert call_seconds(faster, run, (0, 1), True, True) == call_seconds(profile, run, (0, 1), True, True)
 
 
 def test_a_whole_image_that_does_not_fit_one_device_is_profiled_and_never_planned_on_one():

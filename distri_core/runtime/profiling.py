@@ -1,12 +1,14 @@
 """Measuring a pool's machine profile for the planner (distri_core.planner), and caching it.
 
 A profile is measured once per pool, model and dtype, in a few seconds, from the run's own
-inputs cut to one image: every rank runs the whole model alone at three heights (a quarter, half
-and all of the image, one image; all of it with two images too) at the same time (its compute
-curve), the ranks all-gather a small and a large tensor (latency, bandwidth), and
-two real calls per kind (synchronous, displaced) on every rank calibrate the distributed layers'
-own cost and the bytes they send per token. It is cached on disk keyed by devices, model and
-dtype (`ProfileCache`), and measured again when the cache is cleared.
+inputs: every rank runs the whole model alone at three heights (a quarter, half and all of the
+image, one image; all of it with two images too) at the same time (its compute curve), the ranks
+all-gather a small and a large tensor (latency, bandwidth), and real calls at the run's own batch
+and size (one device alone, every rank synchronous, every rank displaced) calibrate the
+distributed layers' own cost and the bytes they send per token. It is cached on disk keyed by
+devices, model and dtype (`ProfileCache`), and measured again when the cache is cleared; a run
+of a batch and size the profile was not calibrated at adds a calibration (`calibrate_run`, a few
+calls) to it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import torch
 
 from ..config import Mode, PatchParallelConfig
 from ..planner import (
+    CALIBRATED,
+    MAX_CALIBRATIONS,
     DeviceSpeed,
     MachineProfile,
     RunShape,
@@ -31,6 +35,8 @@ from ..planner import (
     comm_seconds,
     compute_seconds,
     profile_key,
+    rank_order,
+    shape_of,
 )
 from ..surgery.adapters import chunk_batch
 from .errors import WorkerError
@@ -142,84 +148,119 @@ def measure(pool, x: torch.Tensor, timesteps, context, extra: dict, unit: int, m
     else:
         probe, latency, bytes_per_s = {}, 0.0, 1e12
 
-    # Calibration: real calls of each kind on every rank (the faster of two), one image, at half
-    # the image (the band size of two ranks), where the per-call cost shows more than at full size.
-    h = heights[-2] if len(heights) > 1 and heights[-2] // unit >= world else heights[-1]
-    xs = x1[:, :, :h].contiguous()
-    run = RunShape((1.0, 0.0), 1, h, width, unit)
-    band = max(call_layout(run, ranks, False, base.light_ranks).bands.heights) * width
     profile = MachineProfile(tuple(pool.devices), model, dtype, speeds, latency, bytes_per_s, 0.0, 0.0, 0.0, 0.0,
                              0.0, 0.0, oom_load=oom_load)
-    calls: dict[str, dict] = {}
-    try:
-        profile, calls = _calibrate_calls(pool, profile, exact, base, xs, t1, c1, e1, run, band, ranks)
-    except WorkerError as e:
-        if not out_of_memory(e):
-            raise
-        log.info("profiling: a calibration call ran out of device memory; predictions use the solo curve only")
-        pool.release()
-        pool.configure(exact)
-        calls = {}
-    measured = {"heights": heights, "width": width, "calibration_height": h, "unit": unit, "oom_load": oom_load,
-                "solo_s": [[round(s[-1], 5) for s in r] for r in samples],
-                "probe": probe, "calls": {k: {f: v.get(f) for f in ("seconds", "worker_seconds", "overhead_s",
-                                                                    "bytes_sent", "collectives")}
-                                          for k, v in calls.items()},
-                "seconds": round(time.perf_counter() - t_start, 2), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    measured = {"heights": heights, "width": width, "unit": unit, "oom_load": oom_load,
+                "solo_s": [[round(s[-1], 5) for s in r] for r in samples], "probe": probe}
+    profile = replace(profile, measured=measured)
+    profile = calibrate_run(pool, profile, x, timesteps, context, extra, unit, base)
+    measured = dict(profile.measured, seconds=round(time.perf_counter() - t_start, 2),
+                    when=time.strftime("%Y-%m-%d %H:%M:%S"))
     log.info("machine profile of %s on %s measured in %.1f s", model, ", ".join(pool.devices), measured["seconds"])
     return replace(profile, measured=measured)
 
 
-def _calibrate_calls(pool, profile: MachineProfile, exact: PatchParallelConfig, base: PatchParallelConfig, xs, t1,
-                     c1, e1, run: RunShape, band: int, ranks: tuple[int, ...]) -> tuple[MachineProfile, dict]:
-    """Two real calls of each kind (synchronous, displaced) on every rank, the faster one kept:
-    the pool's own cost, the bytes the layers send per token, and `calibrate`'s corrections."""
+def calibrate_run(pool, profile: MachineProfile, x: torch.Tensor, timesteps, context, extra: dict, unit: int,
+                  base: PatchParallelConfig) -> MachineProfile:
+    """`profile` with a calibration measured at this run's own batch and latent size (`x` is the
+    run's first call): real calls of each kind (one device alone, every rank synchronous, every
+    rank displaced), the faster of two kept. Where a call runs out of device memory, the profile
+    keeps the calibrations it had. Leaves the pool configured with every rank in full_sync."""
+    batch, height, width = x.shape[0], x.shape[2], x.shape[3]
+    world = pool.world
+    ranks = tuple(range(world))
+    exact = replace(base, world_size=world, ranks=(), mode=Mode.FULL_SYNC, cfg_split=False, warmup_steps=0,
+                    comm_dtype="auto", devices=tuple(pool.devices) if base.devices else ())
+    run = RunShape((1.0, 0.0), batch, height, width, unit)
+    t0 = time.perf_counter()
+    try:
+        fitted, calls = _calibrate_calls(pool, profile, exact, base, (x, timesteps, context, extra), run, ranks)
+    except WorkerError as e:
+        if not out_of_memory(e):
+            raise
+        log.info("profiling: a calibration call at %d x %d x %d ran out of device memory; predictions use the "
+                 "calibrations measured before", batch, height, width)
+        pool.release()
+        pool.configure(exact)
+        entry = {"batch": batch, "height": height, "width": width, "out_of_memory": True}
+        kept = tuple(c for c in profile.calibrations if shape_of(c) != (batch, height, width))
+        return replace(profile, calibrations=(kept + (entry,))[-MAX_CALIBRATIONS:])  # not tried again
+    entry = {"batch": batch, "height": height, "width": width, **{k: getattr(fitted, k) for k in CALIBRATED},
+             "seconds": round(time.perf_counter() - t0, 2),
+             "calls": {k: {f: v.get(f) for f in ("seconds", "worker_seconds", "overhead_s", "bytes_sent",
+                                                 "collectives")} for k, v in calls.items()}}
+    kept = tuple(c for c in profile.calibrations if shape_of(c) != (batch, height, width))
+    calibrations = (kept + (entry,))[-MAX_CALIBRATIONS:]
+    return replace(fitted, calibrations=calibrations)
+
+
+def _calibrate_calls(pool, profile: MachineProfile, exact: PatchParallelConfig, base: PatchParallelConfig, inputs,
+                     run: RunShape, ranks: tuple[int, ...]) -> tuple[MachineProfile, dict]:
+    """Two real calls of each kind on the run's own inputs, the faster one kept: the pool's own
+    cost, the bytes the layers send per token, and `calibrate`'s corrections."""
+    xs, t, c, e = inputs
     calls: dict[str, dict] = {}
-    if len(ranks) == 1:
-        pool(xs, t1, c1, key=("profile", "one"), **e1)
-        pool(xs, t1, c1, key=("profile", "one"), **e1)
-        calls["one"] = dict(pool.last_call)
-        pool.end_run()
-        return replace(profile, host_s=calls["one"]["overhead_s"]), calls
-    for kind, mode, sync in (("sync", Mode.FULL_SYNC, True), ("async", Mode.CORRECTED_ASYNC_GN, False)):
-        pool.configure(replace(exact, mode=mode, comm_dtype=base.comm_dtype if mode is not Mode.FULL_SYNC else "auto"))
-        pool(xs, t1, c1, key=("profile", kind), sync=True, **e1)
-        timed = []
+
+    def timed(key, sync=None) -> dict:
+        pool(xs, t, c, key=key, sync=True, **e)  # a first call pays one-time costs (and fills the stale buffers)
+        out = []
         for _ in range(2):
-            pool(xs, t1, c1, key=("profile", kind), sync=sync, **e1)
-            timed.append(dict(pool.last_call))
-        calls[kind] = min(timed, key=lambda c: c["seconds"])
+            pool(xs, t, c, key=key, sync=sync, **e)
+            out.append(dict(pool.last_call))
         pool.end_run()
+        return min(out, key=lambda call: call["seconds"])
+
+    one = rank_order(len(ranks), base.light_ranks)[0]
+    if not profile.oom_load or run.batch * run.tokens < profile.oom_load:  # else the planner never runs it alone
+        pool.configure(replace(exact, world_size=1, ranks=(one,),
+                               devices=(exact.devices[one],) if exact.devices else ()))
+        calls["one"] = timed(("profile", "one"))
+    if len(ranks) > 1:
+        for kind, mode, sync in (("sync", Mode.FULL_SYNC, True), ("async", Mode.CORRECTED_ASYNC_GN, False)):
+            pool.configure(replace(exact, mode=mode,
+                                   comm_dtype=base.comm_dtype if mode is not Mode.FULL_SYNC else "auto"))
+            calls[kind] = timed(("profile", kind), sync)
     pool.configure(exact)
-    host = min(c["overhead_s"] for c in calls.values())
-    s, a = calls["sync"], calls["async"]
-    profile = replace(profile, host_s=host, sync_bytes_per_token=s["bytes_sent"] / band,
-                      async_bytes_per_token=a["bytes_sent"] / band, sync_collectives=float(s["collectives"]))
-    return calibrate(profile, run, ranks, base.light_ranks, s["seconds"], a["seconds"]), calls
+    host = min(call["overhead_s"] for call in calls.values())
+    profile = replace(profile, host_s=host)
+    if len(ranks) > 1:
+        band = max(call_layout(run, ranks, False, base.light_ranks).bands.heights) * run.width * run.batch
+        s, a = calls["sync"], calls["async"]
+        profile = replace(profile, sync_bytes_per_token=s["bytes_sent"] / band,
+                          async_bytes_per_token=a["bytes_sent"] / band, sync_collectives=float(s["collectives"]))
+    sync_s = calls["sync"]["seconds"] if len(ranks) > 1 else None
+    async_s = calls["async"]["seconds"] if len(ranks) > 1 else None
+    one_s = calls["one"]["seconds"] if "one" in calls else None
+    return calibrate(profile, run, ranks, base.light_ranks, sync_s, async_s, one_s, one), calls
 
 
 def calibrate(profile: MachineProfile, run: RunShape, ranks: tuple[int, ...], light: tuple[int, ...],
-              sync_s: float, async_s: float) -> MachineProfile:
-    """Fit the profile's prediction of a split call to what one synchronous and one displaced call
-    of `run` on `ranks` measured: time beyond the prediction is the layers' own per-call work (an
-    overhead); time short of it means a band costs less than the solo curve says (a scale)."""
-    bare = replace(profile, sync_overhead_s=0.0, async_overhead_s=0.0, sync_scale=1.0, async_scale=1.0)
-    group = len(ranks)
-    bands = call_layout(run, ranks, False, light).bands.heights
-    compute = compute_seconds(profile, run, ranks, False, light)
-    fixed = {}
-    for kind, measured, sync in (("sync", sync_s, True), ("async", async_s, False)):
-        predicted = call_seconds(bare, run, ranks, False, sync, light)
-        if measured >= predicted or sync:
+              sync_s: float | None, async_s: float | None, one_s: float | None = None,
+              one: int = 0) -> MachineProfile:
+    """Fit the profile's prediction of a call to what one synchronous and one displaced call of
+    `run` on `ranks`, and one call on rank `one` alone, measured: time beyond the prediction is
+    the layers' (or the lone device's) own per-call work, an overhead; time short of it means the
+    work costs less than the solo curve says (measured with every rank busy at once), a scale."""
+    bare = replace(profile, sync_overhead_s=0.0, async_overhead_s=0.0, sync_scale=1.0, async_scale=1.0,
+                   one_overhead_s=0.0, one_scale=1.0)
+    fitted = {}
+    kinds = [("one", one_s, (one,), True)]
+    if len(ranks) > 1:
+        kinds += [("sync", sync_s, ranks, True), ("async", async_s, ranks, False)]
+    for kind, measured, on, sync in kinds:
+        if measured is None:
+            continue
+        predicted = call_seconds(bare, run, on, False, sync, light)
+        if measured >= predicted or kind == "sync":
             # A synchronous call's blocking exchanges make the difference hard to attribute: only
             # an extra cost is taken from it, never a scale.
-            fixed[kind] = (max(0.0, measured - predicted), 1.0)
+            fitted[f"{kind}_overhead_s"], fitted[f"{kind}_scale"] = max(0.0, measured - predicted), 1.0
             continue
-        comm = comm_seconds(bare, run, max(bands), group, run.batch, sync)
-        left = measured - bare.host_s - (comm if sync else 0.0)
-        fixed[kind] = (0.0, min(1.0, max(0.25, left / compute)) if compute > 0 else 1.0)
-    return replace(profile, sync_overhead_s=fixed["sync"][0], sync_scale=fixed["sync"][1],
-                   async_overhead_s=fixed["async"][0], async_scale=fixed["async"][1])
+        compute = compute_seconds(profile, run, on, False, light)
+        left = measured - bare.host_s
+        fitted[f"{kind}_overhead_s"] = 0.0
+        fitted[f"{kind}_scale"] = min(1.0, max(0.25, left / compute)) if compute > 0 else 1.0
+    return replace(profile, **fitted)
 
 
 def default_cache_dir() -> Path:

@@ -4,7 +4,7 @@ No ComfyUI import anywhere in this package: ComfyUI specifics arrive as argument
 accessor, a conditioning key), so everything here runs and is tested on a bare torch install.
 """
 
-from .config import CommDtype, Mode, PatchParallelConfig
+from .config import CommDtype, Compile, Mode, PatchParallelConfig
 from .layout import BandPlan, CallLayout, make_layout, plan_bands
 
-__all__ = ["CommDtype", "Mode", "PatchParallelConfig", "BandPlan", "CallLayout", "make_layout", "plan_bands"]
+__all__ = ["CommDtype", "Compile", "Mode", "PatchParallelConfig", "BandPlan", "CallLayout", "make_layout", "plan_bands"]

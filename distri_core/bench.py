@@ -24,7 +24,7 @@ import time
 import torch
 
 from . import zoo
-from .config import Mode, PatchParallelConfig
+from .config import Compile, Mode, PatchParallelConfig
 from .runtime.launch import LocalCluster
 from .sampling import ddim_sample, flow_sample
 
@@ -101,7 +101,7 @@ def _step_timer(device: torch.device):
 
 
 def _run(info, model_name: str, size: int, steps: int, mode: str | None, warmup: int, guidance: float,
-         comm_dtype: str, dtype: str, seed: int):
+         comm_dtype: str, dtype: str, seed: int, compile: str = "off"):
     """One denoising loop on this rank; rank 0 returns the measurements and the final latent."""
     from .runtime.engine import DistriUNet
 
@@ -113,7 +113,8 @@ def _run(info, model_name: str, size: int, steps: int, mode: str | None, warmup:
 
     engine = None
     if mode is not None:
-        config = PatchParallelConfig(world_size=info.world, mode=mode, warmup_steps=warmup, comm_dtype=comm_dtype)
+        config = PatchParallelConfig(world_size=info.world, mode=mode, warmup_steps=warmup, comm_dtype=comm_dtype,
+                                     compile=compile)
         engine = DistriUNet(unet, config, info.groups)
 
     def unet_call(xx, tt):
@@ -127,6 +128,7 @@ def _run(info, model_name: str, size: int, steps: int, mode: str | None, warmup:
     with torch.inference_mode():
         out = sampler(model_name)(_guided(unet_call, batch, guidance, device), x, steps, callback=tick)
     stats = engine.stats.snapshot() if engine else {"bytes_sent": 0, "collectives": 0, "calls": steps * 1}
+    stats["compiled_graphs"] = engine.compiled_graphs if engine else 0
     stale = engine.stale_bytes if engine else 0
     if engine:
         engine.close()
@@ -139,7 +141,7 @@ def _run(info, model_name: str, size: int, steps: int, mode: str | None, warmup:
     return result
 
 
-def _run_pool(n: int, args: argparse.Namespace, mode: str) -> dict:
+def _run_pool(n: int, args: argparse.Namespace, mode: str, compile: str = "off") -> dict:
     """The same loop, driven from this process through a WorkerPool of n CPU/GPU ranks."""
     from .runtime.pool import ModelSpec, WorkerPool
 
@@ -148,7 +150,7 @@ def _run_pool(n: int, args: argparse.Namespace, mode: str) -> dict:
     x, ctx, extra, batch = _inputs(args.model, args.size, args.cfg, torch_dtype, args.seed)
     with WorkerPool(devices, threads=args.threads, call_timeout=args.timeout) as pool:
         pool.configure(PatchParallelConfig(world_size=n, mode=mode, warmup_steps=args.warmup,
-                                           comm_dtype=args.comm_dtype))
+                                           comm_dtype=args.comm_dtype, compile=compile))
         if args.model in TRANSFORMERS:
             spec = ModelSpec(zoo.builtin_factory(args.model), zoo.builtin_config(args.model), torch_dtype)
         else:
@@ -205,16 +207,17 @@ def _errors(out: torch.Tensor, ref: torch.Tensor) -> dict:
             "psnr_db": round(psnr, 2) if math.isfinite(psnr) else None}
 
 
-def _measure(args: argparse.Namespace, n: int, mode: str | None, devices: list[str] | None) -> tuple[dict, list]:
+def _measure(args: argparse.Namespace, n: int, mode: str | None, devices: list[str] | None,
+             compile: str = "off") -> tuple[dict, list]:
     """One run of one configuration: rank 0's result and every rank's memory."""
     devs = devices[:n] if devices else None
     backend = "nccl" if devs and devs[0].startswith("cuda") else "gloo"
     if args.pool and mode is not None:
-        r0 = _run_pool(n, args, mode)
+        r0 = _run_pool(n, args, mode, compile)
         return r0, [{"memory": m} for m in r0["memory"]]
     with LocalCluster(n, backend=backend, devices=devs, threads=args.threads) as cluster:
         outs = cluster.run(_run, args.model, args.size, args.steps, mode, args.warmup, args.cfg, args.comm_dtype,
-                           args.dtype, args.seed, timeout=args.timeout)
+                           args.dtype, args.seed, compile, timeout=args.timeout)
     return outs[0], outs
 
 
@@ -224,17 +227,21 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if 1 not in ranks:
         ranks = [1] + ranks  # the single-device reference is always measured
     devices = args.devices.split(",") if args.devices else None
-    configs = [(n, mode) for n in sorted(set(ranks)) for mode in ([None] if n == 1 else modes)]
+    compiles = args.compile.split(",")
+    for c in compiles:
+        Compile(c)  # a clear error for a bad name before anything runs
+    configs = [(n, mode, c) for n in sorted(set(ranks)) for mode in ([None] if n == 1 else modes)
+               for c in (["off"] if n == 1 or mode == "full_sync" else compiles)]
     # With --repeat, the configurations run in interleaved rounds (a, b, c, a, b, c, ...) so that
     # a slow phase of a shared machine does not fall on one configuration only; times are the
     # median over rounds.
     runs: dict[tuple, list] = {c: [] for c in configs}
     for _ in range(args.repeat):
-        for n, mode in configs:
+        for n, mode, c in configs:
             t0 = time.perf_counter()
-            r0, outs = _measure(args, n, mode, devices)
-            runs[(n, mode)].append((r0, outs, time.perf_counter() - t0))
-            log.info("measured ranks=%d mode=%s: %.4f s/step", n, mode or "single_device",
+            r0, outs = _measure(args, n, mode, devices, c)
+            runs[(n, mode, c)].append((r0, outs, time.perf_counter() - t0))
+            log.info("measured ranks=%d mode=%s compile=%s: %.4f s/step", n, mode or "single_device", c,
                      sum(r0["times"]) / args.steps)
 
     def median(values: list[float]) -> float:
@@ -242,11 +249,13 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
 
     results, ref, base_time = [], None, None
-    for n, mode in configs:
-        r0, outs, wall = runs[(n, mode)][0]
-        totals = [sum(r["times"]) for r, _, _ in runs[(n, mode)]]
-        first = min(len(r0["times"]) - 1, args.warmup + 1)
-        steady = [sum(r["times"][first:]) / len(r["times"][first:]) for r, _, _ in runs[(n, mode)]]
+    for n, mode, c in configs:
+        r0, outs, wall = runs[(n, mode, c)][0]
+        totals = [sum(r["times"]) for r, _, _ in runs[(n, mode, c)]]
+        # After warm-up; compiled, also after the first displaced step (it compiles)
+        compiling = c != "off" and n > 1 and mode is not None and Mode(mode).uses_stale
+        first = min(len(r0["times"]) - 1, args.warmup + 1 + compiling)
+        steady = [sum(r["times"][first:]) / len(r["times"][first:]) for r, _, _ in runs[(n, mode, c)]]
         total = median(totals)
         row = {
             "ranks": n, "mode": mode or "single_device",
@@ -259,6 +268,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "wall_s": round(wall, 1),
             "via": "pool" if args.pool and mode is not None else "ranks",
         }
+        row["compile"] = c
+        if compiling:
+            row["compile_s"] = round(median([r["times"][first - 1] - st for (r, _, _), st in
+                                             zip(runs[(n, mode, c)], steady, strict=True)]), 2)
+            row["compiled_graphs"] = r0["stats"].get("compiled_graphs")
         if args.repeat > 1:
             row["rounds_sec_per_step"] = [round(t / args.steps, 4) for t in totals]
             row["rounds_sec_per_step_after_warmup"] = [round(t, 4) for t in steady]
@@ -315,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="fp32", help="model dtype: fp32, fp16, bf16")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--devices", default="", help="comma list of devices (e.g. cuda:0,cuda:1); default CPU ranks")
+    p.add_argument("--compile", default="off",
+                   help="comma list of off, torch_compile, cuda_graphs: each displaced mode runs with each "
+                        "(Patch Parallel Config's compile)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds one configuration may take")
     p.add_argument("--pool", action="store_true",

@@ -24,7 +24,8 @@ def table(report: dict) -> str:
     for r in report["results"]:
         rss = max(m.get("peak_rss_mb", m.get("rss_mb", 0)) for m in r["memory_per_rank"])
         psnr = "exact" if r["psnr_db"] is None else ("exact (>140)" if r["psnr_db"] > 140 else f"{r['psnr_db']:.1f}")
-        rows.append(f"| {r['ranks']} | {r['mode']} | {r['sec_per_step']:.3f} | {r['sec_per_step_after_warmup']:.3f} | "
+        mode = r["mode"] + (f" + {r['compile']}" if r.get("compile", "off") != "off" else "")
+        rows.append(f"| {r['ranks']} | {mode} | {r['sec_per_step']:.3f} | {r['sec_per_step_after_warmup']:.3f} | "
                     f"{r['speedup']:.2f}x | {r['mean_abs_err']:.2g} | {psnr} | "
                     f"{r['bytes_per_step'] / 2 ** 20:.2f} | {rss:.0f} | "
                     f"{max(m.get('stale_mb', 0) for m in r['memory_per_rank']):.1f} |")

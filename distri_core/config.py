@@ -69,6 +69,23 @@ class CommDtype(str, enum.Enum):
         return self.value
 
 
+class Compile(str, enum.Enum):
+    """How the workers run a stale key's band UNet after its warm-up (displaced steps).
+
+    `off`: eager. `torch_compile`: TorchInductor compiles the computation between the layers'
+    exchanges (the collectives stay outside the compiled graphs, in eager code), once per stale
+    key and input shape. `cuda_graphs`: the same graphs, captured as CUDA graphs (CUDA devices
+    only). Synchronous steps always run eager.
+    """
+
+    OFF = "off"
+    TORCH_COMPILE = "torch_compile"
+    CUDA_GRAPHS = "cuda_graphs"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 def _coerce_enum(enum_type: type[enum.Enum], value: object, field_name: str) -> enum.Enum:
     if isinstance(value, enum_type):
         return value
@@ -100,6 +117,7 @@ class PatchParallelConfig:
     ranks:        which ranks of a larger worker pool take part (a plan that uses fewer devices
                   than the pool has); empty = ranks 0 .. world_size - 1. `devices` then lists
                   the devices of these ranks.
+    compile:      see `Compile`; compiles the displaced steps' band UNet (off by default).
     """
 
     world_size: int = 1
@@ -110,10 +128,12 @@ class PatchParallelConfig:
     devices: tuple[str, ...] = field(default=())
     host_device: str | None = None
     ranks: tuple[int, ...] = field(default=())
+    compile: Compile = Compile.OFF
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "mode", _coerce_enum(Mode, self.mode, "mode"))
+        set_(self, "compile", _coerce_enum(Compile, self.compile, "compile"))
         set_(self, "comm_dtype", _coerce_enum(CommDtype, self.comm_dtype, "comm_dtype"))
         if not _is_int(self.world_size) or self.world_size < 1:
             raise ValueError(
@@ -159,6 +179,11 @@ class PatchParallelConfig:
                 raise ValueError(
                     f"device {dup[0]} is listed more than once; each rank needs a GPU of its own "
                     "(NCCL cannot run two ranks on one GPU); list distinct devices"
+                )
+            if self.compile is Compile.CUDA_GRAPHS and any(torch.device(d).type != "cuda" for d in devices):
+                raise ValueError(
+                    f"compile=cuda_graphs needs CUDA devices, got devices={list(devices)}; use "
+                    "compile='torch_compile' (any device) or 'off'"
                 )
         ranks = tuple(self.ranks)
         set_(self, "ranks", ranks)

@@ -198,8 +198,8 @@ def _check_run(guider) -> None:
     if COMPILE_KEY in patcher.wrappers.get(comfy.patcher_extension.WrappersMP.APPLY_MODEL, {}):
         raise UnsupportedInputError(
             "TorchCompileModel is connected after Distri Model: it would compile the host's stub of the UNet, which "
-            "only forwards to the GPU workers (compiling inside the workers is not available yet); remove it or "
-            "connect it before Distri Model")
+            "only forwards to the GPU workers; remove it and set compile in Patch Parallel Config, which compiles "
+            "inside the workers")
     if not isinstance(patcher, HostWithoutUNet):
         raise UnsupportedInputError(
             f"a node after Distri Model rebuilt the model as a plain {type(patcher).__name__}, which would load the "
@@ -292,8 +292,8 @@ def parallel_model(model, settings: DistriSettings):
     m = hostless(model)
     if COMPILE_KEY in m.wrappers.get(comfy.patcher_extension.WrappersMP.APPLY_MODEL, {}):
         log.warning("TorchCompileModel has no effect on a Distri model: it compiles the host's UNet, which only "
-                    "forwards to the GPU workers (compiling inside the workers is not available yet); it is removed "
-                    "from this model so it does not trace the worker pool.")
+                    "forwards to the GPU workers; it is removed from this model so it does not trace the worker pool. "
+                    "Set compile in Patch Parallel Config to compile inside the workers.")
         m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COMPILE_KEY)
         m.model_options.pop(COMPILE_KWARGS, None)
     m.model_options["transformer_options"][KEY] = RunState(settings)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from distri_core import CommDtype, Mode, PatchParallelConfig
+from distri_core import CommDtype, Compile, Mode, PatchParallelConfig
 
 from .bridge import DistriSettings, host_device, resolve_devices
 
@@ -13,11 +13,11 @@ CFG_SPLIT = {"auto": None, "on": True, "off": False}
 
 
 def build_settings(devices: str, ranks: int, mode: str, warmup_steps: int, cfg_split: str, comm_dtype: str,
-                   unsupported: str) -> DistriSettings:
+                   unsupported: str, compile: str = "off") -> DistriSettings:
     resolved = resolve_devices(devices, ranks)
     config = PatchParallelConfig(world_size=len(resolved), mode=mode, warmup_steps=warmup_steps,
                                  cfg_split=CFG_SPLIT[cfg_split], comm_dtype=comm_dtype, devices=resolved,
-                                 host_device=host_device())
+                                 host_device=host_device(), compile=compile)
     return DistriSettings(config, resolved, unsupported)
 
 
@@ -59,18 +59,27 @@ class PatchParallelConfigNode(io.ComfyNode):
                 io.Combo.Input("unsupported", options=["error", "single_device"], default="error",
                                tooltip="When a model or patch (FreeU, HyperTile, ...) cannot be split: stop with an "
                                        "explanation, or run that model on one device."),
+                io.Combo.Input("compile", options=[c.value for c in Compile], default=Compile.OFF.value,
+                               optional=True,
+                               tooltip="Compile the displaced steps on the workers (after warm-up; the exchanges "
+                                       "stay outside the compiled graphs). torch_compile: TorchInductor, once per "
+                                       "prompt and size (the first displaced step waits for it). cuda_graphs: the "
+                                       "same, replayed as CUDA graphs (GPUs only). Exact steps run uncompiled."),
             ],
             outputs=[CONFIG_TYPE.Output("config", tooltip="Connect to Distri Sampler or Distri Model.")],
         )
 
     @classmethod
-    def validate_inputs(cls, devices, ranks, mode, warmup_steps, cfg_split, comm_dtype, unsupported) -> bool | str:
+    def validate_inputs(cls, devices, ranks, mode, warmup_steps, cfg_split, comm_dtype, unsupported,
+                        compile="off") -> bool | str:
         try:
-            build_settings(devices, ranks, mode, warmup_steps, cfg_split, comm_dtype, unsupported)
+            build_settings(devices, ranks, mode, warmup_steps, cfg_split, comm_dtype, unsupported, compile)
         except (ValueError, RuntimeError) as e:
             return str(e)
         return True
 
     @classmethod
-    def execute(cls, devices, ranks, mode, warmup_steps, cfg_split, comm_dtype, unsupported) -> io.NodeOutput:
-        return io.NodeOutput(build_settings(devices, ranks, mode, warmup_steps, cfg_split, comm_dtype, unsupported))
+    def execute(cls, devices, ranks, mode, warmup_steps, cfg_split, comm_dtype, unsupported,
+                compile="off") -> io.NodeOutput:
+        return io.NodeOutput(build_settings(devices, ranks, mode, warmup_steps, cfg_split, comm_dtype, unsupported,
+                                            compile))

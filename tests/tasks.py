@@ -314,3 +314,27 @@ def unchanged_input_errors(info, family, kind, height, width, modes, comfy_path=
             engine.close()
             out[mode] = [float((r - ref).abs().max()) for r in results]
     return out if info.rank == 0 else None
+
+
+def compiled_calls(info, family, kind, height, width, mode="corrected_async_gn", comfy_path=None):
+    """The same displaced calls through an eager and a compiled (TorchInductor) engine: per call,
+    max |compiled - eager| and the compiled engine's graph count after it. Calls: key "a" (the
+    first synchronous, then displaced), then key "b", key "a" again, and, after a reset (a new
+    sampling run), key "a" again. (A call of another input shape compiles once more: measured,
+    not tested here, as it doubles the test's compile time.)"""
+    unet, _, accessor = build(family, kind, comfy_path)
+    x, t, ctx, kw = inputs(family, kind, 1, height, width)
+    calls = [("a", i) for i in range(4)] + [("b", i) for i in range(3)] + [("a", 4), ("a", 5)]
+    results = []
+    with torch.inference_mode():
+        eager = _engine(info, unet, accessor, mode=mode, warmup_steps=0)
+        outs = [eager(x * (1 - 0.02 * i), t - 10 * i, ctx, key=k, **_fresh(kw)) for k, i in calls]
+        eager.close()
+        engine = _engine(info, unet, accessor, mode=mode, warmup_steps=0, compile="torch_compile")
+        for run in (calls, calls[:3]):  # the second run after a reset: every key's stale buffers are new
+            for (k, i), ref in zip(run, outs, strict=False):
+                out = engine(x * (1 - 0.02 * i), t - 10 * i, ctx, key=k, **_fresh(kw))
+                results.append((k, i, float((out - ref).abs().max()), float(ref.abs().max()), engine.compiled_graphs))
+            engine.reset()
+        engine.close()
+    return results

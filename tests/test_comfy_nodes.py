@@ -218,3 +218,20 @@ def test_auto_plans_each_run_and_few_steps_stay_exact(env, sd15, tmp_path, monke
     preview = split_plan("cpu", 2, W * 8, H * 8, "auto", True, "auto", 12)
     assert preview["auto"]["plan"]["candidates"] and "s/step predicted" in preview["auto"]["text"]
     assert preview["ranks"] == len(preview["auto"]["plan"]["ranks"]) and preview["auto"]["last_run"]["steps"] == 4
+
+
+def test_compile_is_an_optional_config_input(env):
+    """Patch Parallel Config's `compile` reaches the pool's configuration; prompts saved before it
+    existed (no `compile` input) still validate and run uncompiled; cuda_graphs on CPU ranks is a
+    validation error that names the fix."""
+    from distri_patch_parallel_pack.nodes.config_node import PatchParallelConfigNode
+
+    schema = PatchParallelConfigNode.define_schema()
+    (compile_input,) = [i for i in schema.inputs if i.id == "compile"]
+    assert compile_input.optional and compile_input.default == "off"
+    args = ("cpu", 2, "corrected_async_gn", 2, "off", "auto", "error")
+    assert PatchParallelConfigNode.validate_inputs(*args) is True
+    assert env.build_settings(*args).config.compile.value == "off"
+    assert env.build_settings(*args, "torch_compile").config.compile.value == "torch_compile"
+    refusal = PatchParallelConfigNode.validate_inputs(*args, compile="cuda_graphs")
+    assert "compile=cuda_graphs needs CUDA devices" in refusal and "torch_compile" in refusal

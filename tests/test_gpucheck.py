@@ -23,7 +23,7 @@ def test_without_cuda_every_gpu_section_is_skipped_with_the_reason(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
-    assert set(report["sections"]) == {"pool", "shared", "timing", "comfy"}
+    assert set(report["sections"]) == {"pool", "shared", "timing", "compile", "comfy"}
     for section in report["sections"].values():
         assert section["status"] == "skip"
         assert section["reason"].startswith("no CUDA device: torch.cuda.is_available() is False"), section
@@ -87,3 +87,17 @@ def test_comfyui_half_on_cpu_ranks(comfy_root, comfy_base, tmp_path):
     assert done.returncode == 0 and result["status"] == "pass", json.dumps(result, indent=1)[-4000:]
     (mode,) = result["modes"]
     assert mode["same_latent"] and mode["pool"]["state"] == "ready" and mode["host_after_distri"]["device"] == "cpu"
+
+
+def test_compile_rows_and_report():
+    # The compile section's harness on the CPU with compile off (compiling is tested on the engine,
+    # tests/test_engine.py, and costs minutes here); cuda_graphs is skipped off GPU.
+    from distri_core.gpucheck.report import markdown
+    from distri_core.gpucheck.timing import compile_rows
+
+    rows = compile_rows("tiny", torch.float32, 2, sizes=(128,), bands=2, device="cpu", repeats=1,
+                        settings=("off", "cuda_graphs"))
+    assert [r["compile"] for r in rows] == ["off"]
+    assert rows[0]["ms"] > 0 and rows[0]["graphs"] == 0 and rows[0]["max_abs_diff_vs_off"] == 0
+    text = markdown({"name": "t", "env": {}, "sections": {"compile": {"status": "pass", "rows": rows}}})
+    assert "| 128² | off |" in text

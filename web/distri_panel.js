@@ -70,7 +70,7 @@ function draw() {
       <h3>Distri Patch Parallel</h3>
       <div class="distri-state distri-state-${esc(s.state).replace(/\s/g, "-")}">pool: <b>${esc(s.state)}</b>
         ${s.backend ? ` (${esc(s.backend)})` : ""}</div>
-      ${cfg ? `<div>${cfg.world_size} rank(s), ${esc(cfg.mode)}, warm-up ${cfg.warmup_steps}, comm ${esc(cfg.comm_dtype)}</div>` : ""}
+      ${cfg ? `<div>${cfg.world_size} rank(s), ${esc(cfg.mode)}, warm-up ${cfg.warmup_steps}, comm ${esc(cfg.comm_dtype)}${cfg.compile && cfg.compile !== "off" ? `, ${esc(cfg.compile)}` : ""}</div>` : ""}
       <div>model: ${esc(s.model ?? "none loaded")}${s.model_mb ? ` (${fmtMB(s.model_mb)} per worker)` : ""}</div>
       <div class="distri-run">${esc(runText)}</div>
       ${chart(run)}

@@ -32,7 +32,7 @@ NODE_TYPES: dict[str, dict] = {
                      widgets=["seed", CONTROL, "steps", "cfg", "sampler_name", "scheduler", "denoise"],
                      outputs=[("LATENT", "LATENT")]),
     "DistriPatchParallelConfig": dict(inputs=[], widgets=["devices", "ranks", "mode", "warmup_steps", "cfg_split",
-                                                          "comm_dtype", "unsupported"],
+                                                          "comm_dtype", "unsupported", "compile"],
                                       outputs=[("config", "PATCH_PARALLEL_CONFIG")]),
     "DistriSampler": dict(inputs=[("model", "MODEL"), ("config", "PATCH_PARALLEL_CONFIG"),
                                   ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
@@ -219,7 +219,7 @@ def _note(wf: Workflow, checkpoint: str, size: str, extra: str = "") -> Node:
 
 def _config(wf: Workflow, pos=(420, 580), **overrides) -> Node:
     values = dict(devices="auto", ranks=0, mode="auto", warmup_steps=4, cfg_split="auto",
-                  comm_dtype="auto", unsupported="error")
+                  comm_dtype="auto", unsupported="error", compile="off")
     values.update(overrides)
     return wf.add("DistriPatchParallelConfig", pos, **values)
 

@@ -19,7 +19,7 @@ from ..comfyui import PACK_ROOT, find_comfyui
 from ..runtime.devices import available_devices
 from .checks import environment, pool_run
 from .report import markdown
-from .timing import band_ceiling
+from .timing import band_ceiling, compile_rows
 
 NO_CUDA = "no CUDA device: torch.cuda.is_available() is False (torch {torch}, CUDA build {cuda})"
 
@@ -37,9 +37,17 @@ def sections(args) -> dict:
         "timing": skip or (lambda: {"status": "pass", "rows": band_ceiling(
             "sdxl", torch.float16, 2, sizes=(1024, 2048) if quick else (1024, 2048, 4096), bands=(2, 4, 8),
             device="cuda:0", repeats=2 if quick else 3)}),
+        "compile": skip or (lambda: _compile_section(quick)),
         "comfy": skip or _comfy_skip(args) or (lambda: comfy_section(args)),
     }
     return {name: plan[name] for name in args.sections.split(",") if name in plan}
+
+
+def _compile_section(quick: bool) -> dict:
+    rows = compile_rows("sdxl", torch.float16, 2, sizes=(1024,) if quick else (1024, 2048), bands=2,
+                        device="cuda:0", repeats=2 if quick else 3)
+    bad = [r for r in rows if "error" in r or r["max_abs_diff_vs_off"] > 0.05]
+    return {"status": "fail" if bad else "pass", "rows": rows}
 
 
 def _comfy_skip(args) -> str | None:
@@ -92,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m distri_core.gpucheck", description=__doc__)
     p.add_argument("--out", required=True, help="the JSON to write (a .md table is written beside it)")
     p.add_argument("--quick", action="store_true", help="a subset in under 2 minutes on one H200")
-    p.add_argument("--sections", default="pool,shared,timing,comfy", help="comma list of sections to run")
+    p.add_argument("--sections", default="pool,shared,timing,compile,comfy", help="comma list of sections to run")
     p.add_argument("--work", default="", help="directory for the ComfyUI section's models (default: a temp dir)")
     p.add_argument("--comfy-timeout", type=float, default=900.0)
     p.add_argument("--require-gpu", action="store_true", help="exit with code 3 when there is no CUDA device")

@@ -26,6 +26,17 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['size']}² | {r['bands']} | {r['ms']} | {r['speedup_ceiling']}x | "
                          f"{r['bytes_per_call'] / 2 ** 20:.1f} | {r['stale_mb']} | {r['peak_mb']} | "
                          f"{r['host_syncs_per_call']} |")
+    compiled = report.get("sections", {}).get("compile", {}).get("rows") or []
+    if compiled:
+        lines += ["", "compile (SDXL fp16, batch 2, one rank's displaced band of 2):", "",
+                  "| image | compile | ms/call | first call s | graphs | max diff vs off | host syncs/call |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in compiled:
+            if "error" in r:
+                lines.append(f"| {r['size']}² | {r['compile']} | error: {r['error'][:120]} | | | | |")
+                continue
+            lines.append(f"| {r['size']}² | {r['compile']} | {r['ms']} | {r['first_call_s']} | {r['graphs']} | "
+                         f"{r['max_abs_diff_vs_off']:.3g} | {r['host_syncs_per_call']} |")
     return "\n".join(lines) + "\n"
 
 

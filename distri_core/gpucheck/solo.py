@@ -30,10 +30,10 @@ class SoloBuffers(StaleBuffers):
 
 
 def solo_engine(model: torch.nn.Module, bands: int, rank: int | None = None,
-                mode: str = "corrected_async_gn") -> DistriUNet:
+                mode: str = "corrected_async_gn", compile: str = "off") -> DistriUNet:
     """The engine of rank `rank` (default: a middle band, halos on both sides) of `bands` ranks
     sharing the whole batch (no CFG split), warm-up 0: every call after the first is a
     displaced step."""
     rank = bands // 2 if rank is None else rank
-    config = PatchParallelConfig(world_size=bands, mode=mode, warmup_steps=0, cfg_split=False)
+    config = PatchParallelConfig(world_size=bands, mode=mode, warmup_steps=0, cfg_split=False, compile=compile)
     return DistriUNet(model, config, ParallelGroups(None, rank, bands, None), buffers=SoloBuffers)

@@ -106,3 +106,49 @@ def _peak(device: torch.device, fn) -> float | None:
         torch.cuda.reset_peak_memory_stats(device)
         fn()
     return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+
+
+def compile_rows(model_name: str = "sdxl", dtype: torch.dtype = torch.float16, batch: int = 2, sizes=(1024,),
+                 bands: int = 2, device: torch.device | str = "cuda:0", repeats: int = 3,
+                 settings=("off", "torch_compile", "cuda_graphs"), model: torch.nn.Module | None = None) -> list[dict]:
+    """Patch Parallel Config's `compile` on one rank's displaced band: ms per call for each setting,
+    the first displaced call's extra seconds (compiling), the graphs built, and the largest
+    difference from the eager band's output."""
+    import time
+
+    device = torch.device(device)
+    model = model if model is not None else zoo.build_builtin(model_name, dtype=dtype, device=device)
+    rows = []
+    for size in sizes:
+        x, t, ctx, extra = inputs(model_name, batch, size, dtype, device)
+        ref = None
+        for setting in settings:
+            if setting == "cuda_graphs" and device.type != "cuda":
+                continue
+            engine = solo_engine(model, bands, compile=setting)
+            try:
+                with torch.inference_mode():
+                    def band(engine=engine, x=x, t=t, ctx=ctx, extra=extra):
+                        return engine.forward_band(x, t, ctx, **extra).output
+
+                    band()  # synchronous: registers the stale state
+                    start = time.perf_counter()
+                    out = band()  # the first displaced call (compiles)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    first_s = time.perf_counter() - start
+                    band()
+                    ms = statistics.median(timed(band, device, repeats))
+                    out = band().float()
+                    ref = out if ref is None else ref
+                    rows.append({"size": size, "bands": bands, "compile": setting, "ms": round(ms, 2),
+                                 "first_call_s": round(first_s, 2), "graphs": engine.compiled_graphs,
+                                 "max_abs_diff_vs_off": float((out - ref).abs().max()),
+                                 "host_syncs_per_call": host_syncs(band, device)})
+            except Exception as e:  # noqa: BLE001 - a setting that fails is a result
+                rows.append({"size": size, "bands": bands, "compile": setting, "error": f"{type(e).__name__}: {e}"[:500]})
+            finally:
+                engine.close()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows

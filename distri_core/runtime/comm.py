@@ -22,6 +22,7 @@ waits) and with the host clock on a CPU.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +52,34 @@ def all_gather_rows(rows: torch.Tensor, rank: int, group, async_op: bool = False
         rows.copy_(host)
         return _Done() if async_op else None
     return gather(rows.view(-1), rows[rank], group=group, async_op=async_op)
+
+
+def _eager(fn):
+    """Marks an exchange that must run eagerly under torch.compile (see `compiled_exchanges`)."""
+    fn._distri_eager = True
+    return fn
+
+
+def compiled_exchanges() -> None:
+    """Make every exchange (of StaleBuffers and its subclasses) run eagerly inside torch.compile'd
+    code (engine `compile`): the compiler cuts its graph at the call, so the collectives, their
+    waits and the buffers' bookkeeping stay plain Python between compiled graphs. Called at every
+    engine's first compiled call, not at import: importing the compiler costs about two seconds,
+    which a run without `compile` never pays."""
+    names = {n for n, fn in vars(StaleBuffers).items() if getattr(fn, "_distri_eager", False)}
+    classes, seen = [StaleBuffers], set()
+    while classes:
+        cls = classes.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        classes.extend(cls.__subclasses__())
+        for name in names & set(vars(cls)):
+            fn = vars(cls)[name]
+            if not getattr(fn, "_distri_disabled", False):
+                wrapped = torch.compiler.disable(fn)
+                wrapped._distri_disabled = True
+                setattr(cls, name, wrapped)
 
 
 class Phase(enum.Enum):
@@ -141,10 +170,12 @@ class StaleBuffers:
         return shapes
 
     # -- Exchanger protocol ---------------------------------------------------------------
+    @_eager
     def gather(self, name: str, fresh: torch.Tensor, scaled_dim: int | None,
                keep: bool = True) -> list[torch.Tensor]:
         return self.gather_start(name, fresh, scaled_dim, keep)()
 
+    @_eager
     def gather_start(self, name: str, fresh: torch.Tensor, scaled_dim: int | None,
                      keep: bool = True) -> Callable[[], list[torch.Tensor]]:
         """Launch the all-gather of `gather` asynchronously; the returned function waits for it
@@ -166,20 +197,24 @@ class StaleBuffers:
             work = self._all_gather(rows)
             self.stats.add(entry.slot * rows.element_size(), self.world - 1)
 
-        def finish() -> list[torch.Tensor]:
-            with self.stats.waiting(rows.device):
-                work.wait()
-            views = [rows[j, :math.prod(entry.shapes[j])].view(entry.shapes[j]) for j in range(self.world)]
-            if keep:
-                if entry.bucket is not None:
-                    self._wait(entry.bucket)
-                    entry.bucket.rows[:, entry.offset:entry.offset + entry.slot].copy_(rows)
-                elif self.phase is Phase.REGISTER and name in self.entries:
-                    self._keep(entry, rows)
-            return views
+        return functools.partial(self._finish_gather, name, entry, rows, work, keep)
 
-        return finish
+    @_eager
+    def _finish_gather(self, name: str, entry: _Entry, rows: torch.Tensor, work, keep: bool) -> list[torch.Tensor]:
+        """The second half of `gather_start`: wait for the gather, keep it as stale state, give
+        every rank's view."""
+        with self.stats.waiting(rows.device):
+            work.wait()
+        views = [rows[j, :math.prod(entry.shapes[j])].view(entry.shapes[j]) for j in range(self.world)]
+        if keep:
+            if entry.bucket is not None:
+                self._wait(entry.bucket)
+                entry.bucket.rows[:, entry.offset:entry.offset + entry.slot].copy_(rows)
+            elif self.phase is Phase.REGISTER and name in self.entries:
+                self._keep(entry, rows)
+        return views
 
+    @_eager
     def provide(self, name: str, rows: torch.Tensor, fresh_shape: tuple[int, ...]) -> None:
         """Every rank's tensor for the next exchange of `name` in this call, [world, slot], already
         known (carried by an earlier exchange): that exchange then sends nothing. It is used only
@@ -187,6 +222,7 @@ class StaleBuffers:
         n = self._seen.get(name, 0)
         self._provided[name if n == 0 else f"{name}#{n}"] = (rows, tuple(fresh_shape))
 
+    @_eager
     def stale(self, name: str, fresh: torch.Tensor, scaled_dim: int | None) -> list[torch.Tensor]:
         name = self._unique(name)
         entry = self.entries.get(name)
@@ -201,6 +237,7 @@ class StaleBuffers:
         self._wait(entry.bucket)
         return [entry.view(j) for j in range(self.world)]
 
+    @_eager
     def publish(self, name: str, fresh: torch.Tensor) -> None:
         suffix = self._seen.get(name, 1) - 1
         entry = self.entries[name if suffix == 0 else f"{name}#{suffix}"]

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from ..config import CommDtype, Mode, PatchParallelConfig
+from ..config import CommDtype, Compile, Mode, PatchParallelConfig
 from ..layers.base import CallContext, LayerHost, WeightAccessor
 from ..layout import CallLayout, make_layout
 from ..surgery.adapters import adapter_for, chunk_batch
 from ..surgery.walk import install_layers
-from .comm import StaleBuffers, all_gather_rows
+from .comm import StaleBuffers, all_gather_rows, compiled_exchanges
 from .groups import ParallelGroups, single
 from .stats import CommStats
 
@@ -107,6 +107,8 @@ class DistriUNet:
         self.buffers = buffers  # the exchange (runtime.comm); the GPU check swaps in one without peers
         self.stats = CommStats()
         self._keys: dict[Hashable, _KeyState] = {}
+        self._compiled = None  # the displaced steps' forward under torch.compile (config.compile)
+        self.compiled_graphs = 0  # graphs the compiler built so far (each recompile adds its graphs)
 
     @property
     def unit(self) -> int:
@@ -183,8 +185,11 @@ class DistriUNet:
         self.host.call = CallContext(mode, is_sync, call.band, call.layout.bands, state.buffers, comm_dtype,
                                      call.input_halo, state.band_weights, self.adapter.prefix_tokens(call.context))
         state.buffers.begin_call()
+        forward = self._forward
+        if self.config.compile is not Compile.OFF and not is_sync and self.groups.size > 1:
+            forward = self._compiled_forward(call.x.device)
         try:
-            out = self.adapter(self.model, call.x, call.timesteps, call.context, **call.kwargs)
+            out = forward(call.x, call.timesteps, call.context, call.kwargs)
             state.buffers.end_call()
         except BaseException:
             # A failed call leaves this key's exchanges half done: forget the key (its buffers may
@@ -197,6 +202,49 @@ class DistriUNet:
         self.stats.calls += 1
         full_batch = call.layout.chunks[-1][1]
         return BandResult(out, call.layout, call.chunk, call.rows, (full_batch, out.shape[1], call.height, out.shape[3]))
+
+    def _forward(self, x: torch.Tensor, timesteps, context, kwargs: dict) -> torch.Tensor:
+        return self.adapter(self.model, x, timesteps, context, **kwargs)
+
+    def _compiled_forward(self, device: torch.device):
+        """`_forward` under torch.compile, built at the first displaced step. The layers' exchanges
+        are marked `torch.compiler.disable` (runtime.comm): the compiler cuts its graphs there and
+        the collectives run eagerly between them, as they do uncompiled, so a bucket's all-gather
+        still overlaps the compiled compute after it. The graphs are specialised to the input
+        shape: another shape compiles again; another stale key, or the same key in the next
+        sampling run (new buffers), reuses them (tests/test_engine.py counts the graphs)."""
+        if self._compiled is None:
+            cuda_graphs = self.config.compile is Compile.CUDA_GRAPHS
+            if cuda_graphs and device.type != "cuda":
+                raise ValueError(f"compile=cuda_graphs needs a CUDA device, this rank computes on {device}; use "
+                                 "compile='torch_compile' or 'off'")
+            import torch._dynamo
+            from torch._inductor.compile_fx import compile_fx
+
+            compiled_exchanges()
+            for namespace, name in self.adapter.eager_under_compile(self.model):
+                fn = getattr(namespace, name)
+                if not getattr(fn, "_distri_disabled", False):
+                    eager = torch.compiler.disable(fn)
+                    eager._distri_disabled = True
+                    setattr(namespace, name, eager)
+            # Every distributed layer instance is a frame of its own between two exchanges, and each
+            # input shape another specialisation: the default limit (8) would silently send most of
+            # them back to eager.
+            config = torch._dynamo.config
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(config, name):
+                    setattr(config, name, max(getattr(config, name), 1024))
+            if hasattr(config, "accumulated_recompile_limit"):
+                config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 1 << 16)
+            patches = {"triton.cudagraphs": True} if cuda_graphs else {}
+
+            def backend(graph, example_inputs):
+                self.compiled_graphs += 1
+                return compile_fx(graph, example_inputs, config_patches=patches)
+
+            self._compiled = torch.compile(self._forward, backend=backend, dynamic=False)
+        return self._compiled
 
     def assemble(self, part: BandResult) -> torch.Tensor:
         """All-gather every rank's band into the full output."""

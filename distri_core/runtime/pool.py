@@ -347,7 +347,8 @@ class WorkerPool:
                 "config": None if self.config is None else {
                     "world_size": self.config.world_size, "mode": self.config.mode.value,
                     "warmup_steps": self.config.warmup_steps, "cfg_split": self.config.cfg_split,
-                    "comm_dtype": self.config.comm_dtype.value, "ranks": list(self.config.pool_ranks)},
+                    "comm_dtype": self.config.comm_dtype.value, "ranks": list(self.config.pool_ranks),
+                    "compile": self.config.compile.value},
                 "workers": workers}
 
     def __enter__(self) -> WorkerPool:

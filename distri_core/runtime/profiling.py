@@ -32,7 +32,6 @@ from ..planner import (
     RunShape,
     call_layout,
     call_seconds,
-    comm_seconds,
     compute_seconds,
     profile_key,
     rank_order,
@@ -110,7 +109,6 @@ def measure(pool, x: torch.Tensor, timesteps, context, extra: dict, unit: int, m
     batch, height, width = x.shape[0], x.shape[2], x.shape[3]
     x1, t1, c1, e1 = chunk_batch((x, timesteps, context, extra), 0, 1, batch)
     world = pool.world
-    ranks = tuple(range(world))
     exact = replace(base, world_size=world, ranks=(), mode=Mode.FULL_SYNC, cfg_split=False, warmup_steps=0,
                     comm_dtype="auto", devices=tuple(pool.devices) if base.devices else ())
     pool.configure(exact)

@@ -47,6 +47,9 @@ def band_spatial(value: Any, start: int, stop: int, height: int) -> Any:
     return value
 
 
+MEMORY_SIZED_ATTENTION = ("attention_sub_quad", "attention_split")
+
+
 class UNetAdapter:
     """Calls one UNet family on a chunk/band. `spatial` names inputs holding per-level residuals."""
 
@@ -77,6 +80,26 @@ class UNetAdapter:
     def min_unit(model: nn.Module) -> int:
         """Latent rows a band must be a multiple of, beyond what the model's downsamplers need."""
         return 1
+
+    def eager_under_compile(self, model: nn.Module) -> list[tuple[object, str]]:
+        """(namespace, name) of the functions the model's modules call through a module global
+        that must run eagerly when the engine compiles (`compile`): attention kernels that size
+        their chunks from the device's free memory (ComfyUI's sub-quadratic and split attention,
+        its defaults on CPU and with --use-split-cross-attention). Compiled, the free memory
+        becomes a guard that fails at every call, so every call would compile again."""
+        spaces = {type(m).__module__ for m in model.modules()}
+        namespace = self.attention_namespace(model)
+        attention = getattr(namespace, "attention", None) if namespace is not None else None
+        attention = getattr(attention, "original", attention)  # the joint-attention dispatch's own
+        spaces.add(getattr(attention, "__module__", None) or "")
+        out = []
+        for name in sorted(s for s in spaces if s):
+            ns = sys.modules.get(name)
+            for attr in ("optimized_attention", "optimized_attention_masked"):
+                fn = getattr(ns, attr, None)
+                if callable(fn) and getattr(fn, "__name__", "") in MEMORY_SIZED_ATTENTION:
+                    out.append((ns, attr))
+        return out
 
     @staticmethod
     def prefix_tokens(context) -> int:

@@ -118,6 +118,8 @@ class PatchParallelConfig:
                   than the pool has); empty = ranks 0 .. world_size - 1. `devices` then lists
                   the devices of these ranks.
     compile:      see `Compile`; compiles the displaced steps' band UNet (off by default).
+    band_shares:  relative rows per rank (e.g. each GPU's speed, so a slower one gets a smaller
+                  band); empty = even bands. mode=auto sets it from the measured profile.
     """
 
     world_size: int = 1
@@ -129,6 +131,7 @@ class PatchParallelConfig:
     host_device: str | None = None
     ranks: tuple[int, ...] = field(default=())
     compile: Compile = Compile.OFF
+    band_shares: tuple[float, ...] = field(default=())
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -185,6 +188,12 @@ class PatchParallelConfig:
                     f"compile=cuda_graphs needs CUDA devices, got devices={list(devices)}; use "
                     "compile='torch_compile' (any device) or 'off'"
                 )
+        shares = tuple(self.band_shares)
+        set_(self, "band_shares", shares)
+        if shares and (len(shares) != self.world_size or
+                       not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in shares)):
+            raise ValueError(f"band_shares={list(shares)} is not valid for world_size={self.world_size}; give one "
+                             "positive number per rank (relative rows), or leave it empty for even bands")
         ranks = tuple(self.ranks)
         set_(self, "ranks", ranks)
         if ranks:

@@ -45,10 +45,13 @@ class BandPlan:
         return num // den
 
 
-def plan_bands(height: int, parts: int, unit: int, light: tuple[int, ...] = ()) -> BandPlan:
+def plan_bands(height: int, parts: int, unit: int, light: tuple[int, ...] = (),
+               shares: tuple[float, ...] = ()) -> BandPlan:
     """Split `height` latent rows into `parts` bands, each a multiple of `unit` rows, as even as
-    possible. The extra units go to the first bands that are not `light` (bands whose device
-    also serves the host), so a light band is never the larger one when others can take it."""
+    possible, or in proportion to `shares` (one per band, e.g. each device's relative speed, so a
+    slower GPU gets fewer rows and every band finishes together; at least one block each). The
+    units left over go to the first bands that are not `light` (bands whose device also serves
+    the host), so a light band is never the larger one when others can take it."""
     if parts < 1:
         raise ValueError(f"cannot split into {parts} bands; use 1 or more")
     levels = unit.bit_length() - 1
@@ -66,8 +69,20 @@ def plan_bands(height: int, parts: int, unit: int, light: tuple[int, ...] = ()) 
             f"the resolution {levels} time(s)), too few for {parts} bands; use at most {blocks} "
             "ranks for this size, or a taller image"
         )
-    base, extra = divmod(blocks, parts)
     order = [i for i in range(parts) if i not in light] + [i for i in range(parts) if i in light]
+    if shares:
+        if len(shares) != parts or not all(s > 0 for s in shares):
+            raise ValueError(f"shares={list(shares)} is not valid for {parts} bands; give one positive share per band")
+        total = sum(shares)
+        ideal = [blocks * s / total for s in shares]
+        count = [max(1, int(v)) for v in ideal]
+        while sum(count) > blocks:  # the minimum of one block each overshot: take from the largest
+            count[max((i for i in range(parts) if count[i] > 1), key=lambda i: (count[i] - ideal[i], count[i]))] -= 1
+        by_need = sorted(range(parts), key=lambda i: (-(ideal[i] - count[i]), order.index(i)))
+        for i in by_need[:blocks - sum(count)]:
+            count[i] += 1
+        return BandPlan(tuple(c * unit for c in count), unit)
+    base, extra = divmod(blocks, parts)
     bigger = set(order[:extra])
     return BandPlan(tuple((base + (1 if i in bigger else 0)) * unit for i in range(parts)), unit)
 
@@ -93,19 +108,23 @@ class CallLayout:
 
 
 def make_layout(world_size: int, batch: int, height: int, unit: int, split_batch: bool,
-                light: tuple[int, ...] = ()) -> CallLayout:
+                light: tuple[int, ...] = (), shares: tuple[float, ...] = ()) -> CallLayout:
     """Layout for a batch of `batch` images of `height` latent rows.
 
     With `split_batch` and an even batch, the ranks form two halves and each half takes one half
     of the batch (ComfyUI batches cond then uncond); otherwise all ranks share the whole batch.
     `light` ranks (sharing their GPU with the host) get the smaller band where bands differ.
+    `shares` (one per rank, empty = even) sizes the bands in proportion.
     """
     if split_batch and world_size % 2 == 0 and batch % 2 == 0:
         half = world_size // 2
         groups = (tuple(range(half)), tuple(range(half, world_size)))
         chunks = ((0, batch // 2), (batch // 2, batch))
         # Both halves share one band plan: band i of each half has the same height, so a light
-        # rank of either half marks its band index as light.
+        # rank of either half marks its band index as light, and the slower of its two ranks
+        # sets its share.
         light_bands = tuple(sorted({r % half for r in light}))
-        return CallLayout(groups, chunks, plan_bands(height, half, unit, light_bands))
-    return CallLayout((tuple(range(world_size)),), ((0, batch),), plan_bands(height, world_size, unit, light))
+        band_shares = tuple(min(shares[i], shares[i + half]) for i in range(half)) if shares else ()
+        return CallLayout(groups, chunks, plan_bands(height, half, unit, light_bands, band_shares))
+    return CallLayout((tuple(range(world_size)),), ((0, batch),),
+                      plan_bands(height, world_size, unit, light, shares))

@@ -99,14 +99,19 @@ def run_plan_bench(model: str, sizes: list[int], step_counts: list[int], devices
                 run = RunShape(tuple(ddim_sigmas(steps)), batch, size // 8, size // 8, unit)
                 plan = plan_run(profile, run, base)
                 rows, ref = [], None
-                for label, config in fixed_layouts(world, steps, warmup, batch):
+                layouts = fixed_layouts(world, steps, warmup, batch)
+                if plan.config.band_shares:  # auto sized the bands by device speed: measure its own layout too
+                    layouts.append((f"{len(plan.config.pool_ranks)} devices, bands by speed, "
+                                    + ("CFG split, " if plan.config.cfg_split else "") + plan.config.mode.value,
+                                    plan.config))
+                for label, config in layouts:
                     pool.configure(config)
                     displaced = config.mode is not Mode.FULL_SYNC
                     sync_steps = displaced_sync_steps(run, warmup) if displaced else tuple(range(steps))
                     ranks = config.pool_ranks
                     split = bool(config.cfg_split)
                     n_sync = len(sync_steps)
-                    predicted = step_seconds(profile, run, ranks, split, sync_steps)
+                    predicted = step_seconds(profile, run, ranks, split, sync_steps, shares=config.band_shares)
                     out, times = _loop(pool, x, ctx, extra, steps, set(sync_steps), guidance)
                     if ref is None:
                         ref = out
@@ -119,8 +124,9 @@ def run_plan_bench(model: str, sizes: list[int], step_counts: list[int], devices
                                  "mean_abs_err": float(d.mean()), "max_abs_err": float(d.max())})
                     log.info("%s %dpx cfg %g %d steps %s: %.3f s/step (predicted %.3f)", model, size, guidance, steps,
                              label, measured, predicted)
-                chosen = next(r for r in rows if (tuple(r["ranks"]), r["cfg_split"], r["mode"]) ==
-                              (plan.config.pool_ranks, bool(plan.config.cfg_split), plan.config.mode.value))
+                chosen = rows[-1] if plan.config.band_shares else next(
+                    r for r in rows if (tuple(r["ranks"]), r["cfg_split"], r["mode"]) ==
+                    (plan.config.pool_ranks, bool(plan.config.cfg_split), plan.config.mode.value))
                 results.append({
                     "model": model, "size": size, "cfg": guidance, "batch": batch, "steps": steps,
                     "auto": plan.summary()["reason"], "auto_layout": chosen["layout"],

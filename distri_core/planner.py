@@ -34,6 +34,7 @@ EXACT_AT_MOST = 10
 DRIFT_SYNC = 0.3
 FLOW_DRIFT_SYNC = 0.12
 EXACT_PREFERENCE = 0.03
+SHARE_SPREAD = 1.25  # ranks this much apart in speed get bands sized by speed, closer ones even bands
 DISPLACED = Mode.CORRECTED_ASYNC_GN
 
 
@@ -189,6 +190,7 @@ class Plan:
         c = self.config
         return {
             "devices": list(c.devices), "ranks": list(c.pool_ranks), "mode": c.mode.value, "cfg_split": c.cfg_split,
+            "band_shares": list(c.band_shares),
             "sync_steps": list(self.sync_steps), "predicted_s_per_step": round(self.seconds_per_step, 4),
             "one_device_s_per_step": round(self.one_device_s, 4), "predicted_speedup": round(self.predicted_speedup, 2),
             "reason": self.reason,
@@ -213,26 +215,45 @@ def rank_order(world: int, light: tuple[int, ...]) -> tuple[int, ...]:
     return tuple([r for r in range(world) if r not in light] + [r for r in range(world) if r in light])
 
 
-def call_layout(run: RunShape, ranks: tuple[int, ...], split: bool, light: tuple[int, ...] = ()) -> CallLayout:
-    """How the engine cuts a call of `run` on pool `ranks` (`light`: pool ranks on the host's GPU)."""
+def speed_shares(profile: MachineProfile, run: RunShape, ranks: tuple[int, ...]) -> tuple[float, ...]:
+    """Rows per rank in proportion to its measured speed for this image (a slower GPU gets a
+    smaller band, so the bands finish together); empty (even bands) when the ranks' speeds are
+    within SHARE_SPREAD of each other (identical GPUs, timing noise), or when the machine ran out
+    of memory while profiled (even bands put the least on any one device)."""
+    if len(ranks) < 2 or profile.oom_load:
+        return ()
+    tokens = run.tokens / len(ranks)
+    cost = [profile.speeds[r].seconds(tokens, run.tokens, run.batch) - profile.speeds[r].fixed for r in ranks]
+    if min(cost) <= 0 or max(cost) / min(cost) < SHARE_SPREAD:
+        return ()
+    return tuple(round(min(cost) / c, 3) for c in cost)
+
+
+def call_layout(run: RunShape, ranks: tuple[int, ...], split: bool, light: tuple[int, ...] = (),
+                shares: tuple[float, ...] = ()) -> CallLayout:
+    """How the engine cuts a call of `run` on pool `ranks` (`light`: pool ranks on the host's GPU;
+    `shares`: relative rows per rank, empty = even)."""
     return make_layout(len(ranks), run.batch, run.height, run.unit, split,
-                       tuple(i for i, r in enumerate(ranks) if r in light))
+                       tuple(i for i, r in enumerate(ranks) if r in light), shares)
 
 
 def compute_seconds(profile: MachineProfile, run: RunShape, ranks: tuple[int, ...], split: bool,
-                    light: tuple[int, ...] = ()) -> float:
-    """Predicted compute of one call: the slowest rank's band on its solo curve."""
-    layout = call_layout(run, ranks, split, light)
+                    light: tuple[int, ...] = (), shares: tuple[float, ...] | None = None) -> float:
+    """Predicted compute of one call: the slowest rank's band on its solo curve (bands sized by
+    `shares`; None = as the planner sizes them, `speed_shares`)."""
+    shares = speed_shares(profile, run, ranks) if shares is None else shares
+    layout = call_layout(run, ranks, split, light, shares)
     return max(profile.speeds[ranks[r]].seconds(layout.bands.heights[band] * run.width, run.tokens, c1 - c0)
                for (c0, c1), members in zip(layout.chunks, layout.groups, strict=True)
                for band, r in enumerate(members))
 
 
 def call_seconds(profile: MachineProfile, run: RunShape, ranks: tuple[int, ...], split: bool, sync: bool,
-                 light: tuple[int, ...] = ()) -> float:
-    """Predicted seconds of one model call of `run` on pool `ranks`."""
-    layout = call_layout(run, ranks, split, light)
-    compute = compute_seconds(profile, run, ranks, split, light)
+                 light: tuple[int, ...] = (), shares: tuple[float, ...] | None = None) -> float:
+    """Predicted seconds of one model call of `run` on pool `ranks` (bands as `compute_seconds`)."""
+    shares = speed_shares(profile, run, ranks) if shares is None else shares
+    layout = call_layout(run, ranks, split, light, shares)
+    compute = compute_seconds(profile, run, ranks, split, light, shares)
     group = layout.bands.parts
     if len(ranks) == 1:
         return compute * profile.one_scale + profile.one_overhead_s + profile.host_s
@@ -256,15 +277,17 @@ def comm_seconds(profile: MachineProfile, run: RunShape, band_rows: int, group: 
 
 
 def step_seconds(profile: MachineProfile, run: RunShape, ranks: tuple[int, ...], split: bool,
-                 sync_steps: tuple[int, ...], light: tuple[int, ...] = ()) -> float:
+                 sync_steps: tuple[int, ...], light: tuple[int, ...] = (),
+                 shares: tuple[float, ...] | None = None) -> float:
     """Predicted seconds per step of a run whose `sync_steps` are synchronous and the others
-    displaced (every step synchronous: an exact run), with the calibration nearest the run."""
+    displaced (every step synchronous: an exact run), with the calibration nearest the run
+    (bands as `compute_seconds`)."""
     profile = profile.for_run(run)
-    sync_s = call_seconds(profile, run, ranks, split, True, light)
+    sync_s = call_seconds(profile, run, ranks, split, True, light, shares)
     n_sync = len(sync_steps)
     if n_sync >= run.steps:
         return sync_s
-    async_s = call_seconds(profile, run, ranks, split, False, light)
+    async_s = call_seconds(profile, run, ranks, split, False, light, shares)
     return (n_sync * sync_s + (run.steps - n_sync) * async_s) / run.steps
 
 
@@ -306,7 +329,7 @@ def candidates(profile: MachineProfile, run: RunShape, warmup: int, light: tuple
             group = k // 2 if split else k
             if run.height // run.unit < group:
                 continue  # too few rows to give every rank a band
-            layout = call_layout(run, ranks, split, light)
+            layout = call_layout(run, ranks, split, light, speed_shares(profile, run, ranks))
             load = max(layout.bands.heights) * run.width * (layout.chunks[0][1] - layout.chunks[0][0])
             fits = not profile.oom_load or load < profile.oom_load
             no_room = (f"would not fit: {load} image-tokens on one device, and {profile.oom_load:.0f} ran out of "
@@ -343,7 +366,7 @@ def plan_run(profile: MachineProfile, run: RunShape, base: PatchParallelConfig) 
     devices = tuple(base.devices[r] for r in best.ranks) if base.devices else ()
     comm = base.comm_dtype if best.mode != Mode.FULL_SYNC.value else CommDtype.AUTO
     config = replace(base, world_size=len(best.ranks), ranks=best.ranks, mode=best.mode, cfg_split=best.cfg_split,
-                     devices=devices, comm_dtype=comm)
+                     devices=devices, comm_dtype=comm, band_shares=speed_shares(profile, run, best.ranks))
     speedup = one.seconds_per_step / best.seconds_per_step
     if len(best.ranks) == 1:
         reason = (f"one device: no layout of the {len(profile.devices)} devices is predicted faster for a "

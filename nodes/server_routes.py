@@ -125,7 +125,7 @@ def split_plan(devices: str, ranks: int, width: int, height: int, cfg_split: str
         if plan is not None:
             config, resolved = plan.config, plan.config.devices or tuple(resolved[r] for r in plan.config.pool_ranks)
     layout = make_layout(len(resolved), 2 if cfg_on else 1, height // 8, unit, config.split_cfg_possible,
-                         config.light_ranks)
+                         config.light_ranks, config.band_shares)
     groups = []
     for members, chunk in zip(layout.groups, layout.chunks, strict=True):
         bands = [{"rank": r, "device": resolved[r], "rows_px": [layout.bands.rows(i)[0] * 8, layout.bands.rows(i)[1] * 8],

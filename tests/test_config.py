@@ -65,6 +65,11 @@ def test_bands_even_uneven_and_aligned():
     assert p.rows(1) == (88, 176)
     assert plan_bands(96, 8, 8).heights == (16, 16, 16, 16, 8, 8, 8, 8)  # SD2 768^2 on 8 ranks
     assert plan_bands(64, 5, 1).heights == (13, 13, 13, 13, 12)
+    # sized by shares (relative device speeds), every band at least one block
+    assert plan_bands(48, 2, 4, shares=(3.0, 1.0)).heights == (36, 12)
+    assert plan_bands(32, 4, 8, shares=(100.0, 1.0, 1.0, 1.0)).heights == (8, 8, 8, 8)
+    assert plan_bands(64, 4, 8, shares=(10.0, 1.0, 1.0, 1.0)).heights == (40, 8, 8, 8)
+    assert sum(plan_bands(256, 3, 8, shares=(1.0, 0.7, 0.45)).heights) == 256
 
 
 def test_band_errors_say_what_to_do():

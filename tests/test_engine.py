@@ -52,6 +52,10 @@ def test_uneven_bands_are_exact(cluster, comfy_arg, family, kind, height, width)
             h = {40: 40, 44: 52}[h]  # comfy tiny models halve twice: heights multiple of 4
         r = cluster.run(tasks.call_errors, family, kind, 1, h, width, 2, mode="full_sync", size=ranks, **comfy_arg)[0]
         assert max(r["errors"]) < EXACT, (ranks, h, r)
+    # Bands sized by device speed (mode auto on mixed GPUs): a 3:1 split of 48 rows
+    r = cluster.run(tasks.call_errors, family, kind, 1, 48, width, 2, mode="full_sync", band_shares=(3.0, 1.0),
+                    size=2, **comfy_arg)[0]
+    assert max(r["errors"]) < EXACT, r
 
 
 @pytest.mark.parametrize("family, kind, height, width", MODELS)

@@ -286,3 +286,24 @@ def test_a_whole_image_that_does_not_fit_one_device_is_profiled_and_never_planne
         pool.configure(plan.config)
         out = pool(x, t, ctx)
         assert (out - pool_models.micro_reference(x, t, ctx)).abs().max() < EXACT
+
+
+def test_a_slower_gpu_gets_a_smaller_band():
+    """Mixed GPUs (one half as fast): auto sizes the bands by measured speed so they finish
+    together, and predicts that faster than even bands; identical GPUs keep even bands."""
+    from distri_core.layout import plan_bands
+    from distri_core.planner import speed_shares
+
+    fast, slow = DeviceSpeed(0.01, 1.5e-6, 3e-12), DeviceSpeed(0.01, 3e-6, 6e-12)
+    profile = synthetic_profile(2, speeds=(fast, slow), **FAST)
+    run = run_shape(50, 1.0, 2048)
+    shares = speed_shares(profile, run, (0, 1))
+    assert shares == (1.0, 0.5)
+    plan = plan_run(profile, run, auto(2))
+    assert plan.config.band_shares == shares and plan.summary()["band_shares"] == [1.0, 0.5]
+    assert plan_bands(run.height, 2, run.unit, shares=shares).heights == (168, 88)  # 2:1 in blocks of 8 rows
+    even = step_seconds(profile, run, (0, 1), False, plan.sync_steps, shares=())
+    assert plan.seconds_per_step < 0.8 * even
+    assert speed_shares(synthetic_profile(2, **FAST), run, (0, 1)) == ()  # identical GPUs: even bands
+    with pytest.raises(ValueError, match="band_shares=\\[1.0\\] is not valid for world_size=2"):
+        PatchParallelConfig(world_size=2, band_shares=(1.0,))

@@ -117,7 +117,7 @@ class DistriUNet:
 
     def layout(self, batch: int, height: int) -> CallLayout:
         return make_layout(self.groups.size, batch, height, self.unit, self.config.split_cfg_possible,
-                           self.config.light_ranks)
+                           self.config.light_ranks, self.config.band_shares)
 
     # -- calls ----------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, timesteps, context=None, *, key: Hashable = None,

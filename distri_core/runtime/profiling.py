@@ -248,13 +248,13 @@ def calibrate(profile: MachineProfile, run: RunShape, ranks: tuple[int, ...], li
     for kind, measured, on, sync in kinds:
         if measured is None:
             continue
-        predicted = call_seconds(bare, run, on, False, sync, light)
+        predicted = call_seconds(bare, run, on, False, sync, light, shares=())  # the calls ran even bands
         if measured >= predicted or kind == "sync":
             # A synchronous call's blocking exchanges make the difference hard to attribute: only
             # an extra cost is taken from it, never a scale.
             fitted[f"{kind}_overhead_s"], fitted[f"{kind}_scale"] = max(0.0, measured - predicted), 1.0
             continue
-        compute = compute_seconds(profile, run, on, False, light)
+        compute = compute_seconds(profile, run, on, False, light, shares=())
         left = measured - bare.host_s
         fitted[f"{kind}_overhead_s"] = 0.0
         fitted[f"{kind}_scale"] = min(1.0, max(0.25, left / compute)) if compute > 0 else 1.0

@@ -36,6 +36,10 @@ def page(comfy_server):
         page.errors = errors
         yield page
         browser.close()
+    # The session's server stays up for the headless tests; its workers, holding the last model, are
+    # stopped meanwhile (the next run restarts them), so that the tests in between, one of which
+    # runs a second ComfyUI with a 2 GB checkpoint, do not run this 24 GiB box out of memory.
+    comfy_server.post("/distri/stop", {})
 
 
 def _queue_and_wait(server, page, timeout=600):

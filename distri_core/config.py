@@ -73,8 +73,8 @@ class Compile(str, enum.Enum):
     """How the workers run a stale key's band UNet after its warm-up (displaced steps).
 
     `off`: eager. `torch_compile`: TorchInductor compiles the computation between the layers'
-    exchanges (the collectives stay outside the compiled graphs, in eager code), once per stale
-    key and input shape. `cuda_graphs`: the same graphs, captured as CUDA graphs (CUDA devices
+    exchanges (the collectives stay outside the compiled graphs, in eager code), once per input
+    shape (another stale key or sampling run reuses the graphs). `cuda_graphs`: the same graphs, captured as CUDA graphs (CUDA devices
     only). Synchronous steps always run eager.
     """
 

@@ -320,6 +320,7 @@ def candidates(profile: MachineProfile, run: RunShape, warmup: int, light: tuple
     out = []
     for k in range(1, world + 1):
         ranks = tuple(sorted(order[:k]))
+        shares = speed_shares(profile, run, ranks)
         splits = [False]
         if k % 2 == 0 and run.batch % 2 == 0 and cfg_split is not False:
             splits = [True] if cfg_split is True else [False, True]
@@ -329,20 +330,20 @@ def candidates(profile: MachineProfile, run: RunShape, warmup: int, light: tuple
             group = k // 2 if split else k
             if run.height // run.unit < group:
                 continue  # too few rows to give every rank a band
-            layout = call_layout(run, ranks, split, light, speed_shares(profile, run, ranks))
+            layout = call_layout(run, ranks, split, light, shares)
             load = max(layout.bands.heights) * run.width * (layout.chunks[0][1] - layout.chunks[0][0])
             fits = not profile.oom_load or load < profile.oom_load
             no_room = (f"would not fit: {load} image-tokens on one device, and {profile.oom_load:.0f} ran out of "
                        "device memory while this machine was profiled")
             out.append(Candidate(ranks, split, Mode.FULL_SYNC.value, exact_steps,
-                                 step_seconds(profile, run, ranks, split, exact_steps, light),
+                                 step_seconds(profile, run, ranks, split, exact_steps, light, shares),
                                  fits, "exact" if fits else no_room))
             if group == 1:
                 continue  # one rank per batch chunk: nothing to displace
             why = (f"{run.steps} steps: schedules of {EXACT_AT_MOST} steps or fewer never read stale activations"
                    if few else "displaced patch parallelism")
             out.append(Candidate(ranks, split, DISPLACED.value, displaced_sync,
-                                 step_seconds(profile, run, ranks, split, displaced_sync, light),
+                                 step_seconds(profile, run, ranks, split, displaced_sync, light, shares),
                                  not few and fits, why if fits else no_room))
     return out
 

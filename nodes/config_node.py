@@ -63,7 +63,7 @@ class PatchParallelConfigNode(io.ComfyNode):
                                optional=True,
                                tooltip="Compile the displaced steps on the workers (after warm-up; the exchanges "
                                        "stay outside the compiled graphs). torch_compile: TorchInductor, once per "
-                                       "prompt and size (the first displaced step waits for it). cuda_graphs: the "
+                                       "image size (the first displaced step waits for it). cuda_graphs: the "
                                        "same, replayed as CUDA graphs (GPUs only). Exact steps run uncompiled."),
             ],
             outputs=[CONFIG_TYPE.Output("config", tooltip="Connect to Distri Sampler or Distri Model.")],

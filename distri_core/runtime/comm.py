@@ -60,6 +60,17 @@ def _eager(fn):
     return fn
 
 
+def run_eagerly(owner, name: str) -> None:
+    """Replace `owner.name` (a class's method or a module's function) by itself wrapped in
+    `torch.compiler.disable`, once: torch.compile'd callers cut their graph at the call and run it
+    as plain Python."""
+    fn = vars(owner)[name] if isinstance(owner, type) else getattr(owner, name)
+    if not getattr(fn, "_distri_disabled", False):
+        wrapped = torch.compiler.disable(fn)
+        wrapped._distri_disabled = True
+        setattr(owner, name, wrapped)
+
+
 def compiled_exchanges() -> None:
     """Make every exchange (of StaleBuffers and its subclasses) run eagerly inside torch.compile'd
     code (engine `compile`): the compiler cuts its graph at the call, so the collectives, their
@@ -75,11 +86,7 @@ def compiled_exchanges() -> None:
         seen.add(cls)
         classes.extend(cls.__subclasses__())
         for name in names & set(vars(cls)):
-            fn = vars(cls)[name]
-            if not getattr(fn, "_distri_disabled", False):
-                wrapped = torch.compiler.disable(fn)
-                wrapped._distri_disabled = True
-                setattr(cls, name, wrapped)
+            run_eagerly(cls, name)
 
 
 class Phase(enum.Enum):

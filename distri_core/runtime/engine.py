@@ -15,7 +15,7 @@ from ..layers.base import CallContext, LayerHost, WeightAccessor
 from ..layout import CallLayout, make_layout
 from ..surgery.adapters import adapter_for, chunk_batch
 from ..surgery.walk import install_layers
-from .comm import StaleBuffers, all_gather_rows, compiled_exchanges
+from .comm import StaleBuffers, all_gather_rows, compiled_exchanges, run_eagerly
 from .groups import ParallelGroups, single
 from .stats import CommStats
 
@@ -223,11 +223,7 @@ class DistriUNet:
 
             compiled_exchanges()
             for namespace, name in self.adapter.eager_under_compile(self.model):
-                fn = getattr(namespace, name)
-                if not getattr(fn, "_distri_disabled", False):
-                    eager = torch.compiler.disable(fn)
-                    eager._distri_disabled = True
-                    setattr(namespace, name, eager)
+                run_eagerly(namespace, name)
             # Every distributed layer instance is a frame of its own between two exchanges, and each
             # input shape another specialisation: the default limit (8) would silently send most of
             # them back to eager.

@@ -109,9 +109,7 @@ def measure(pool, x: torch.Tensor, timesteps, context, extra: dict, unit: int, m
     batch, height, width = x.shape[0], x.shape[2], x.shape[3]
     x1, t1, c1, e1 = chunk_batch((x, timesteps, context, extra), 0, 1, batch)
     world = pool.world
-    exact = replace(base, world_size=world, ranks=(), mode=Mode.FULL_SYNC, cfg_split=False, warmup_steps=0,
-                    comm_dtype="auto", devices=tuple(pool.devices) if base.devices else ())
-    pool.configure(exact)
+    pool.configure(_every_rank_exact(pool, base))
 
     samples: list[list[tuple[float, float, float]]] = [[] for _ in range(world)]
     heights = profile_heights(height, unit, world)
@@ -165,10 +163,8 @@ def calibrate_run(pool, profile: MachineProfile, x: torch.Tensor, timesteps, con
     rank displaced), the faster of two kept. Where a call runs out of device memory, the profile
     keeps the calibrations it had. Leaves the pool configured with every rank in full_sync."""
     batch, height, width = x.shape[0], x.shape[2], x.shape[3]
-    world = pool.world
-    ranks = tuple(range(world))
-    exact = replace(base, world_size=world, ranks=(), mode=Mode.FULL_SYNC, cfg_split=False, warmup_steps=0,
-                    comm_dtype="auto", devices=tuple(pool.devices) if base.devices else ())
+    ranks = tuple(range(pool.world))
+    exact = _every_rank_exact(pool, base)
     run = RunShape((1.0, 0.0), batch, height, width, unit)
     t0 = time.perf_counter()
     try:
@@ -180,16 +176,26 @@ def calibrate_run(pool, profile: MachineProfile, x: torch.Tensor, timesteps, con
                  "calibrations measured before", batch, height, width)
         pool.release()
         pool.configure(exact)
-        entry = {"batch": batch, "height": height, "width": width, "out_of_memory": True}
-        kept = tuple(c for c in profile.calibrations if shape_of(c) != (batch, height, width))
-        return replace(profile, calibrations=(kept + (entry,))[-MAX_CALIBRATIONS:])  # not tried again
-    entry = {"batch": batch, "height": height, "width": width, **{k: getattr(fitted, k) for k in CALIBRATED},
-             "seconds": round(time.perf_counter() - t0, 2),
-             "calls": {k: {f: v.get(f) for f in ("seconds", "worker_seconds", "overhead_s", "bytes_sent",
-                                                 "collectives")} for k, v in calls.items()}}
-    kept = tuple(c for c in profile.calibrations if shape_of(c) != (batch, height, width))
-    calibrations = (kept + (entry,))[-MAX_CALIBRATIONS:]
-    return replace(fitted, calibrations=calibrations)
+        return _with_calibration(profile, {"batch": batch, "height": height, "width": width,
+                                           "out_of_memory": True})  # not tried again
+    return _with_calibration(fitted, {
+        "batch": batch, "height": height, "width": width, **{k: getattr(fitted, k) for k in CALIBRATED},
+        "seconds": round(time.perf_counter() - t0, 2),
+        "calls": {k: {f: v.get(f) for f in ("seconds", "worker_seconds", "overhead_s", "bytes_sent", "collectives")}
+                  for k, v in calls.items()}})
+
+
+def _every_rank_exact(pool, base: PatchParallelConfig) -> PatchParallelConfig:
+    """`base` on every rank of `pool`, exact: what profiling runs on and leaves the pool in."""
+    return replace(base, world_size=pool.world, ranks=(), mode=Mode.FULL_SYNC, cfg_split=False, warmup_steps=0,
+                   comm_dtype="auto", devices=tuple(pool.devices) if base.devices else ())
+
+
+def _with_calibration(profile: MachineProfile, entry: dict) -> MachineProfile:
+    """`profile` with `entry` in place of any calibration of its shape, the oldest dropped beyond
+    MAX_CALIBRATIONS."""
+    kept = tuple(c for c in profile.calibrations if shape_of(c) != shape_of(entry))
+    return replace(profile, calibrations=(kept + (entry,))[-MAX_CALIBRATIONS:])
 
 
 def _calibrate_calls(pool, profile: MachineProfile, exact: PatchParallelConfig, base: PatchParallelConfig, inputs,
@@ -226,10 +232,9 @@ def _calibrate_calls(pool, profile: MachineProfile, exact: PatchParallelConfig, 
         s, a = calls["sync"], calls["async"]
         profile = replace(profile, sync_bytes_per_token=s["bytes_sent"] / band,
                           async_bytes_per_token=a["bytes_sent"] / band, sync_collectives=float(s["collectives"]))
-    sync_s = calls["sync"]["seconds"] if len(ranks) > 1 else None
-    async_s = calls["async"]["seconds"] if len(ranks) > 1 else None
-    one_s = calls["one"]["seconds"] if "one" in calls else None
-    return calibrate(profile, run, ranks, base.light_ranks, sync_s, async_s, one_s, one), calls
+    seconds = {kind: call["seconds"] for kind, call in calls.items()}
+    return calibrate(profile, run, ranks, base.light_ranks, seconds.get("sync"), seconds.get("async"),
+                     seconds.get("one"), one), calls
 
 
 def calibrate(profile: MachineProfile, run: RunShape, ranks: tuple[int, ...], light: tuple[int, ...],

@@ -201,7 +201,7 @@ class ExtrapolatingBuffers(StaleBuffers):
 
         def record() -> list[torch.Tensor]:
             self._wait(entry.bucket)
-            prev = [entry.view(j) for j in range(self.world)]  # last call's, about to be replaced
+            prev = list(entry.views)  # last call's, about to be replaced
             probe = self.control.probe
             preds = None
             if probe is not None and self._older.get(uname) is not None:

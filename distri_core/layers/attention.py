@@ -40,15 +40,41 @@ class DistriKV(DistriLayer):
     """Image-wide K and V for this band's queries."""
 
     def full_kv(self, ctx: CallContext, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fresh = torch.stack([k, v])  # [2, B, N, C]
-        if ctx.comm_dtype is not None:
-            fresh = fresh.to(ctx.comm_dtype)
-        views, _ = self.exchange(ctx, fresh, scaled_dim=2)
-        parts = [t.to(k.dtype) for t in views]
-        parts[ctx.rank] = torch.stack([k, v])
+        if (not ctx.sync and (ctx.comm_dtype is None or ctx.comm_dtype == k.dtype)
+                and not torch.compiler.is_compiling()):
+            # A displaced step: the exchange needs only the shape of [K; V] to hand out the stale views.
+            views, _ = self.exchange(ctx, self.shape_probe((2, *k.shape), k.dtype), scaled_dim=2)
+            memo = self.memo(views)
+            if memo is not None:
+                return self._kv_in_place(ctx, views, memo, k, v)
+            fresh = torch.stack([k, v])
+        else:
+            fresh = torch.stack([k, v])  # [2, B, N, C]
+            if ctx.comm_dtype is not None and ctx.comm_dtype != fresh.dtype:
+                fresh = fresh.to(ctx.comm_dtype)
+            views, _ = self.exchange(ctx, fresh, scaled_dim=2)
+        parts = [t if t.dtype == k.dtype else t.to(k.dtype) for t in views]
+        parts[ctx.rank] = fresh if fresh.dtype == k.dtype else torch.stack([k, v])  # this band's, exact
         kv = torch.cat(parts, dim=2)
         self.publish(ctx, fresh)
         return kv[0], kv[1]
+
+    def _kv_in_place(self, ctx: CallContext, views: list[torch.Tensor], memo: dict, k: torch.Tensor,
+                     v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Displaced step with views that stay put: this band's K and V are written straight into
+        its own slot (which is what gets sent), and the image's K and V are one cat each of every
+        band's slot: two copies and two cats, where stacking, casting and publishing took more."""
+        parts = memo.get("kv")
+        if parts is None:
+            parts = memo["kv"] = ([t[0] for t in views], [t[1] for t in views])
+        ks, vs = parts
+        ks[ctx.rank].copy_(k)
+        vs[ctx.rank].copy_(v)
+        full_k, full_v = torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+        # The cats were issued before the publish that may launch this bucket's gather (which
+        # overwrites the other bands' slots): on a GPU the gather's stream waits for them.
+        self.publish(ctx, views[ctx.rank])
+        return full_k, full_v
 
 
 def module_attention(module: torch.nn.Module) -> Callable | None:

@@ -31,7 +31,11 @@ class Exchanger(Protocol):
     gather_start: the same, launched asynchronously; the returned function waits and gives the
              tensors (so a synchronous layer can compute what does not need them meanwhile).
     stale:   last call's tensors of every rank (waits for the pending gather that brings them).
+             The list may carry a `memo` dict: then its views stay the same tensors from call to
+             call (until the stale state is dropped) and a layer may keep what it derives from
+             them there, and may write its fresh tensor into its own view in place.
     publish: hand over this call's tensor; it is sent asynchronously, overlapping later compute.
+             Publishing the own view written in place sends it without a copy.
     provide: every rank's tensor for the next gather of a name in this call, already known (it
              travelled inside an earlier gather): that gather sends nothing.
     """
@@ -138,6 +142,23 @@ class DistriLayer:
         if ctx.sync:
             return ctx.exchanger.gather(name, fresh, scaled_dim), True
         return ctx.exchanger.stale(name, fresh, scaled_dim), False
+
+    def shape_probe(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A meta tensor of this shape and dtype (made once per shape): what a displaced
+        exchange checks its stale state against, when the fresh tensor is not built before it."""
+        probes = self.__dict__.setdefault("_probes", {})
+        probe = probes.get((shape, dtype))
+        if probe is None:
+            probe = probes[(shape, dtype)] = torch.empty(shape, dtype=dtype, device="meta")
+        return probe
+
+    @staticmethod
+    def memo(views: list[torch.Tensor]) -> dict | None:
+        """Where a layer may keep what it derives from stale views that do not move (see
+        `Exchanger.stale`); None when they may (and under torch.compile, which traces the plain
+        path into its graph instead of guarding on Python-side caches)."""
+        memo = getattr(views, "memo", None)
+        return None if memo is None or torch.compiler.is_compiling() else memo
 
     def publish(self, ctx: CallContext, fresh: torch.Tensor, tag: str = "") -> None:
         """After an asynchronous `exchange`: send this call's tensor for the next call."""

@@ -41,25 +41,15 @@ def combine_stats(stats: list[torch.Tensor], weights: torch.Tensor) -> tuple[tor
     return mean, var
 
 
-def corrected_stats(stale: list[torch.Tensor], weights: torch.Tensor, rank: int, fresh: torch.Tensor):
-    """DistriFusion's corrected estimate: E_t ~ E_{t+1} (image) + E_t (band) - E_{t+1} (band)."""
-    old_mean, old_var = combine_stats(stale, weights)
-    s_old, s_new = stale[rank], fresh
-    mean = old_mean + s_new[..., 0] - s_old[..., 0]
-    second = (old_var + old_mean ** 2) + (s_new[..., 1] + s_new[..., 0] ** 2) - (s_old[..., 1] + s_old[..., 0] ** 2)
-    var = second - mean ** 2
-    return mean, torch.where(var < 0, s_new[..., 1], var)
-
-
-def band_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This band's per-group mean and biased variance, [B, G] float32, from float32 sums of x and
-    x^2 (two plain reductions, no copy of half-precision inputs; torch.var_mean is 30x slower on
-    a CPU and, for half inputs, returns half-precision results)."""
+def band_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This band's per-group mean, biased variance and mean of squares, [B, G] float32, from
+    float32 sums of x and x^2 (two plain reductions, no copy of half-precision inputs;
+    torch.var_mean is 30x slower on a CPU and, for half inputs, returns half-precision results)."""
     xs = x.reshape(x.shape[0], groups, -1)
     n = xs.shape[-1]
-    mean = xs.sum(-1, dtype=torch.float32) / n
-    second = torch.linalg.vector_norm(xs, dim=-1, dtype=torch.float32).square() / n
-    return mean, (second - mean.square()).clamp_min(0.0)
+    mean = xs.sum(-1, dtype=torch.float32).div_(n)
+    second = torch.linalg.vector_norm(xs, dim=-1, dtype=torch.float32).square_().div_(n)
+    return mean, torch.addcmul(second, mean, mean, value=-1).clamp_min_(0.0), second
 
 
 class DistriGroupNorm(DistriLayer):
@@ -73,30 +63,84 @@ class DistriGroupNorm(DistriLayer):
         mode = ctx.mode if ctx is not None else None
         if ctx is None or not mode.communicates or (mode is Mode.SEPARATE_GN and not ctx.sync):
             return self.original(x, *args, **kwargs)  # this band's statistics alone
-        m = self.module
-        b, c = x.shape[:2]
-        groups, per = m.num_groups, c // m.num_groups
-        mean_l, var_l = band_stats(x, groups)
+        mean_l, var_l, second_l = band_stats(x, self.module.num_groups)
         if ctx.sync and self._can_carry(ctx, x):
             mean_g, var_g = self._global_with_halo(ctx, x, mean_l, var_l)
+        elif not ctx.sync and mode in (Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN):
+            mean_g, var_g = self._displaced(ctx, mean_l, var_l, second_l)
         else:
             mean_g, var_g = self._global(ctx, mean_l, var_l)
-        # The native kernel normalizes with this band's statistics (and rounds once); a per-(batch,
-        # channel) affine turns that into normalization with the image-wide ones:
-        #   (x - mg) * rg * w + b = ((x - ml) * rl) * (w * rg / rl) + (b + w * (ml - mg) * rg)
-        rstd_l = torch.rsqrt(var_l + m.eps)
+        return self._normalize(x, mean_l, var_l, mean_g, var_g)
+
+    def _normalize(self, x: torch.Tensor, mean_l: torch.Tensor, var_l: torch.Tensor, mean_g: torch.Tensor,
+                   var_g: torch.Tensor) -> torch.Tensor:
+        """x normalized with the image-wide statistics. The native kernel normalizes with this
+        band's own (and rounds once); a per-(batch, channel) affine turns that into normalization
+        with the image-wide ones:
+          (x - mg) * rg * w + b = ((x - ml) * rl) * (w * rg / rl) + (b + w * (ml - mg) * rg)"""
+        m = self.module
+        b, c = x.shape[:2]
+        groups = m.num_groups
         rstd_g = torch.rsqrt(var_g + m.eps)
-        scale = (rstd_g / rstd_l)[:, :, None].expand(b, groups, per).reshape(b, c)
-        shift = ((mean_l - mean_g) * rstd_g)[:, :, None].expand(b, groups, per).reshape(b, c)
+        ratio = (var_l + m.eps).sqrt_().mul_(rstd_g).unsqueeze(-1)  # rg / rl, [B, G, 1]
+        offset = (mean_l - mean_g).mul_(rstd_g).unsqueeze(-1)  # (ml - mg) * rg
         if m.affine:
             with self.host.weights(m, x) as (w, bias):
-                w = w.float()
-                scale, shift = scale * w, shift * w
-                if bias is not None:
-                    shift = shift + bias.float()
-        flat = x.reshape(1, b * c, *x.shape[2:])
-        out = F.group_norm(flat, b * groups, scale.reshape(-1).to(x.dtype), shift.reshape(-1).to(x.dtype), m.eps)
+                w = (w if w.dtype == torch.float32 else w.float()).view(groups, -1)
+                scale = ratio * w
+                if bias is None:
+                    shift = offset * w
+                else:
+                    bias = bias if bias.dtype == torch.float32 else bias.float()
+                    shift = torch.addcmul(bias.view(groups, -1), offset, w)
+        else:
+            scale, shift = ratio.expand(b, groups, c // groups), offset.expand(b, groups, c // groups)
+        scale, shift = scale.reshape(-1), shift.reshape(-1)
+        if x.dtype != torch.float32:
+            scale, shift = scale.to(x.dtype), shift.to(x.dtype)
+        out = F.group_norm(x.reshape(1, b * c, *x.shape[2:]), b * groups, scale, shift, m.eps)
         return out.view_as(x)
+
+    def _displaced(self, ctx: CallContext, mean_l: torch.Tensor, var_l: torch.Tensor, second_l: torch.Tensor):
+        """A displaced step of `corrected_async_gn` (last step's image-wide mean and mean of
+        squares, moved by this band's change since then; a negative variance estimate falls back
+        to this band's own) or `stale_gn` (the other bands' last-step statistics with this band's
+        fresh ones). Both are one weighted sum of every band's stale moments."""
+        corrected = ctx.mode is Mode.CORRECTED_ASYNC_GN
+        if torch.compiler.is_compiling():  # traced: build the statistics first (no Python-side caches)
+            stats = torch.stack([mean_l, var_l], dim=-1)
+        else:
+            stats = self.shape_probe((*mean_l.shape, 2), mean_l.dtype)
+        views, _ = self.exchange(ctx, stats)
+        memo = self.memo(views)
+        weights = memo.get("weights") if memo is not None else None
+        if weights is None:
+            # corrected: w - e_rank (this band's stale moments are taken out, its fresh ones put
+            # in whole); stale: w with this band's own left out, its fresh moments weighted by w_rank.
+            weights = ctx.band_weights.clone()
+            own = weights[ctx.rank].clone()
+            weights[ctx.rank].sub_(1) if corrected else weights[ctx.rank].zero_()  # on the device, no host data
+            weights = (weights.view(-1, 1, 1, 1), own)
+            if memo is not None:
+                memo["weights"] = weights
+        weights, own = weights
+        moments = torch.stack(views)  # [P, B, G, 2]: (mean, variance) ...
+        means, second = moments.unbind(-1)
+        second.addcmul_(means, means)  # ... -> (mean, mean of squares)
+        fresh = torch.stack([mean_l, second_l], dim=-1)
+        est = (weights * moments).sum(0).add_(fresh) if corrected else torch.addcmul((weights * moments).sum(0), own, fresh)
+        mean, second = est.unbind(-1)
+        var = torch.addcmul(second, mean, mean, value=-1)
+        if corrected:
+            var = torch.where(var < 0, var_l, var)
+        else:
+            var = var.clamp_min_(0.0)
+        if memo is not None:  # written straight into this band's slot, which is what is sent
+            stats = torch.stack([mean_l, var_l], dim=-1, out=views[ctx.rank])
+        elif stats.is_meta:
+            stats = torch.stack([mean_l, var_l], dim=-1)
+        self.publish(ctx, stats)
+        return mean, var
 
     def _can_carry(self, ctx: CallContext, x: torch.Tensor) -> bool:
         """The next conv's halo can travel with the statistics: a 4-D input and every band at
@@ -112,7 +156,7 @@ class DistriGroupNorm(DistriLayer):
         m, conv = self.module, self.feeds
         fresh = torch.stack([mean, var], dim=-1)
         raw = halo_slot(x, conv.halo)
-        payload = torch.cat([fresh.reshape(-1), raw.reshape(-1).float()])
+        payload = torch.cat([fresh.reshape(-1), raw.reshape(-1) if raw.dtype == torch.float32 else raw.reshape(-1).float()])
         views = ctx.exchanger.gather(self.name + "+halo", payload, None, keep=False)
         n = fresh.numel()
         ctx.exchanger.provide(self.name, torch.stack([v[:n] for v in views]), tuple(fresh.shape))
@@ -125,29 +169,19 @@ class DistriGroupNorm(DistriLayer):
         shift = -mean_g[:, :, None].expand(b, m.num_groups, per).reshape(b, c) * scale
         if m.affine:
             with self.host.weights(m, x) as (w, bias):
-                scale, shift = scale * w.float(), shift * w.float()
+                w = w if w.dtype == torch.float32 else w.float()
+                scale, shift = scale * w, shift * w
                 if bias is not None:
-                    shift = shift + bias.float()
+                    shift = shift + (bias if bias.dtype == torch.float32 else bias.float())
         rows = torch.stack([v[n:] for v in views]).view(len(views), *raw.shape)
         rows = F.silu(rows * scale[None, :, :, None, None] + shift[None, :, :, None, None])
         slot_dtype = ctx.comm_dtype or x.dtype
-        ctx.exchanger.provide(conv.name, rows.to(slot_dtype).reshape(len(views), -1), tuple(raw.shape))
+        rows = rows if rows.dtype == slot_dtype else rows.to(slot_dtype)
+        ctx.exchanger.provide(conv.name, rows.reshape(len(views), -1), tuple(raw.shape))
         return mean_g, var_g
 
     def _global(self, ctx: CallContext, mean: torch.Tensor, var: torch.Tensor):
-        mode = ctx.mode
-        fresh = torch.stack([mean, var], dim=-1)
-        weights = ctx.band_weights
-        if ctx.sync or mode is Mode.SYNC_GN:
-            keep = mode in (Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN)  # the only modes that read them stale
-            views = ctx.exchanger.gather(self.name, fresh, None, keep=keep)
-            return combine_stats(views, weights)
-        views, _ = self.exchange(ctx, fresh)
-        if mode is Mode.CORRECTED_ASYNC_GN:
-            result = corrected_stats(views, weights, ctx.rank, fresh)
-        else:
-            stats = list(views)
-            stats[ctx.rank] = fresh
-            result = combine_stats(stats, weights)
-        self.publish(ctx, fresh)
-        return result
+        """Synchronous statistics (every sync step; every step of `sync_gn`)."""
+        keep = ctx.mode in (Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN)  # the only modes that read them stale
+        views = ctx.exchanger.gather(self.name, torch.stack([mean, var], dim=-1), None, keep=keep)
+        return combine_stats(views, ctx.band_weights)

@@ -95,6 +95,16 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
+class StaleViews(list):
+    """Every rank's tensor of one exchange, as views of its bucket (what `stale` returns). The
+    views never move, so a layer may keep what it derives from them (slices, casts of constant
+    shape) in `memo`, which lives and dies with the stale state."""
+
+    def __init__(self, views):
+        super().__init__(views)
+        self.memo: dict = {}
+
+
 @dataclass
 class _Entry:
     name: str
@@ -104,13 +114,14 @@ class _Entry:
     kept: torch.Tensor | None = None  # [world, slot], from the register call
     bucket: _Bucket | None = None
     offset: int = 0
+    # Every rank's tensor as a view of the bucket, made once when the bucket is allocated: its
+    # storage never moves, so a call reads and publishes through these without building views.
+    views: StaleViews = field(default_factory=lambda: StaleViews([]))
 
-    def row(self, rank: int) -> torch.Tensor:
-        return self.bucket.rows[rank, self.offset:self.offset + self.slot]
-
-    def view(self, rank: int) -> torch.Tensor:
-        numel = math.prod(self.shapes[rank])
-        return self.row(rank)[:numel].view(self.shapes[rank])
+    def place(self, bucket: _Bucket, offset: int, world: int) -> None:
+        self.bucket, self.offset = bucket, offset
+        rows = bucket.rows[:, offset:offset + self.slot]
+        self.views = StaleViews(rows[j, :math.prod(self.shapes[j])].view(self.shapes[j]) for j in range(world))
 
 
 @dataclass
@@ -212,7 +223,7 @@ class StaleBuffers:
         every rank's view."""
         with self.stats.waiting(rows.device):
             work.wait()
-        views = [rows[j, :math.prod(entry.shapes[j])].view(entry.shapes[j]) for j in range(self.world)]
+        views = self._views(entry, rows)
         if keep:
             if entry.bucket is not None:
                 self._wait(entry.bucket)
@@ -220,6 +231,15 @@ class StaleBuffers:
             elif self.phase is Phase.REGISTER and name in self.entries:
                 self._keep(entry, rows)
         return views
+
+    @staticmethod
+    def _views(entry: _Entry, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's tensor in a gathered [world, slot] (one view and an unbind where all ranks
+        send the same shape, unpadded: the common case, and fewer operators per exchange)."""
+        shapes = entry.shapes
+        if all(s == shapes[0] for s in shapes) and math.prod(shapes[0]) == entry.slot:
+            return list(rows.view(len(shapes), *shapes[0]).unbind(0))
+        return [rows[j, :math.prod(shape)].view(shape) for j, shape in enumerate(shapes)]
 
     @_eager
     def provide(self, name: str, rows: torch.Tensor, fresh_shape: tuple[int, ...]) -> None:
@@ -242,13 +262,15 @@ class StaleBuffers:
             raise RuntimeError(f"{name}: got {tuple(fresh.shape)} {fresh.dtype}, stale state holds "
                                f"{entry.shapes[self.rank]} {entry.dtype}; the stale key must include the input shape")
         self._wait(entry.bucket)
-        return [entry.view(j) for j in range(self.world)]
+        return entry.views
 
     @_eager
     def publish(self, name: str, fresh: torch.Tensor) -> None:
         suffix = self._seen.get(name, 1) - 1
         entry = self.entries[name if suffix == 0 else f"{name}#{suffix}"]
-        entry.row(self.rank)[:fresh.numel()].copy_(fresh.reshape(-1))
+        own = entry.views[self.rank]
+        if fresh is not own:  # a layer may have written its fresh tensor in place (see stale)
+            own.copy_(fresh)
         bucket = entry.bucket
         bucket.published += 1
         if bucket.published == len(bucket.entries):
@@ -277,7 +299,7 @@ class StaleBuffers:
         self.peak_bytes = max(self.peak_bytes, self.nbytes + self._kept_bytes)
         off = 0
         for e in group:
-            e.bucket, e.offset = bucket, off
+            e.place(bucket, off, self.world)
             rows[:, off:off + e.slot].copy_(e.kept)
             self._kept_bytes -= e.kept.numel() * e.kept.element_size()
             e.kept = None

@@ -306,7 +306,7 @@ def run_profile(args: argparse.Namespace) -> dict:
     model = args.model if args.model in zoo.CONFIGS else f"builtin-{args.model}"
     modes = [Mode(m).value for m in args.modes.split(",")]
     with LocalCluster(n, threads=args.threads) as cluster:
-        rows = [cluster.run(profile_task, model, latent, modes, timeout=args.timeout)[0]
+        rows = [cluster.run(profile_task, model, latent, modes, max(5, args.repeat), timeout=args.timeout)[0]
                 for latent in dict.fromkeys((small, args.size // 8))]
     return {"benchmark": "distri_core.bench --profile", "args": vars(args), "profile": rows,
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}}

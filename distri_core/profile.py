@@ -41,7 +41,7 @@ def _measure(call, repeats: int = 3) -> dict:
     return {"ops": counter.total, "host_waits": dict(counter.host_waits), "ms": round(statistics.median(times) * 1e3, 2)}
 
 
-def profile_task(info, model: str, latent: int, modes: list[str]) -> dict | None:
+def profile_task(info, model: str, latent: int, modes: list[str], repeats: int = 3) -> dict | None:
     """Runs on every rank of a cluster; rank 0 returns the table."""
     unet, plain, dim, extra = _model(model)
     g = torch.Generator().manual_seed(0)
@@ -51,7 +51,7 @@ def profile_task(info, model: str, latent: int, modes: list[str]) -> dict | None
     out = {"latent": latent, "ranks": info.world}
     with torch.inference_mode():
         plain(x, t, ctx)
-        out["plain"] = _measure(lambda: plain(x, t, ctx))
+        out["plain"] = _measure(lambda: plain(x, t, ctx), repeats)
         for mode in modes:
             config = PatchParallelConfig(world_size=info.world, mode=mode, warmup_steps=0, cfg_split=False)
             engine = DistriUNet(unet, config, info.groups)
@@ -61,14 +61,14 @@ def profile_task(info, model: str, latent: int, modes: list[str]) -> dict | None
                 return engine.forward_band(x, t, ctx, sync=sync, **kw)
 
             step(True)  # the first call of the key registers its exchanges
-            row = {"sync": _measure(lambda: step(True))}
+            row = {"sync": _measure(lambda: step(True), repeats)}
             if config.mode.uses_stale or mode == "naive_patch":
                 # The first displaced call of a key also makes the views and indices later ones
                 # reuse: its host waits are counted (they would stall a GPU once per run), its
                 # operators are not the steady state's.
                 with OpCounter() as first:
                     step(False)
-                row["displaced"] = _measure(lambda: step(False))
+                row["displaced"] = _measure(lambda: step(False), repeats)
                 row["displaced"]["first_call_host_waits"] = dict(first.host_waits)
             engine.close()
             for kind in ("sync", "displaced"):

@@ -305,8 +305,10 @@ def run_profile(args: argparse.Namespace) -> dict:
     small = 16 * n  # rows: a multiple of every bench model's downsampling unit per band
     model = args.model if args.model in zoo.CONFIGS else f"builtin-{args.model}"
     modes = [Mode(m).value for m in args.modes.split(",")]
+    # --compile torch_compile: the displaced modes' steps are measured compiled too.
+    compiled = tuple(m for m in modes if Mode(m).uses_stale) if "torch_compile" in args.compile.split(",") else ()
     with LocalCluster(n, threads=args.threads) as cluster:
-        rows = [cluster.run(profile_task, model, latent, modes, max(5, args.repeat), timeout=args.timeout)[0]
+        rows = [cluster.run(profile_task, model, latent, modes, max(5, args.repeat), compiled, timeout=args.timeout)[0]
                 for latent in dict.fromkeys((small, args.size // 8))]
     return {"benchmark": "distri_core.bench --profile", "args": vars(args), "profile": rows,
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}}

@@ -1,6 +1,13 @@
 """Per-call cost of the engine: operators dispatched and host time per UNet call, for the plain
 UNet and for each mode's synchronous and displaced steps, and the operators that would make a GPU
-host wait (see opcount). Run by `python -m distri_core.bench --profile` on the bench's ranks."""
+host wait (see opcount). Run by `python -m distri_core.bench --profile` on the bench's ranks.
+
+Two counts of the work a call hands the device:
+- `ops`: every operator dispatched, views included, counted below autograd (opcount.OpCounter);
+  it cannot see inside a torch.compile'd graph;
+- `dispatches`: what the profiler sees the host launch: operators called from Python or from a
+  compiled graph's wrapper (their own sub-operators not counted again) and TorchInductor's
+  generated kernels. It is the count that compares an eager call with a compiled one."""
 
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ import time
 import torch
 
 from . import zoo
-from .config import PatchParallelConfig
+from .config import Compile, PatchParallelConfig
 from .opcount import OpCounter
 from .runtime.engine import DistriUNet
 
@@ -29,20 +36,55 @@ def _model(name: str):
     return unet, (lambda x, t, c: unet(x, t, encoder_hidden_states=c, return_dict=False, **extra)[0]), dim, extra
 
 
-def _measure(call, repeats: int = 3) -> dict:
-    """Operators and host-waiting operators of one call, and the median host time of `repeats`."""
-    with OpCounter() as counter:
+_NAMESPACES = ("aten", "c10d", "_c10d_functional")
+
+
+def _operator(name: str) -> bool:
+    return name.split("::", 1)[0] in _NAMESPACES if "::" in name else False
+
+
+def dispatches(call) -> int:
+    """Operators and generated kernels the host launches in one call (see the module's doc)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         call()
+    count = 0
+    for event in prof.events():
+        if "cpp_fused" in event.name or event.name.startswith("triton_"):
+            count += 1  # a TorchInductor kernel (recorded when cpp.enable_kernel_profile is on)
+        elif _operator(event.name) and not (event.cpu_parent is not None and _operator(event.cpu_parent.name)):
+            count += 1
+    return count
+
+
+def _host_ms(call, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
-    return {"ops": counter.total, "host_waits": dict(counter.host_waits), "ms": round(statistics.median(times) * 1e3, 2)}
+    return round(statistics.median(times) * 1e3, 2)
 
 
-def profile_task(info, model: str, latent: int, modes: list[str], repeats: int = 3) -> dict | None:
-    """Runs on every rank of a cluster; rank 0 returns the table."""
+def _measure(call, repeats: int = 3) -> dict:
+    """Operators and host-waiting operators of one call, its profiler dispatches, and the median
+    host time of `repeats`."""
+    with OpCounter() as counter:
+        call()
+    return {"ops": counter.total, "host_waits": dict(counter.host_waits), "dispatches": dispatches(call),
+            "ms": _host_ms(call, repeats)}
+
+
+def profile_task(info, model: str, latent: int, modes: list[str], repeats: int = 3,
+                 compiled: tuple[str, ...] = ()) -> dict | None:
+    """Runs on every rank of a cluster; rank 0 returns the table. `compiled`: modes whose displaced
+    steps are also measured with compile=torch_compile (dispatches and host time; the operator
+    counter cannot see inside compiled graphs)."""
+    if compiled:
+        import torch._inductor.config as inductor
+
+        inductor.cpp.enable_kernel_profile = True  # the profiler then sees every generated kernel
     unet, plain, dim, extra = _model(model)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, latent, latent, generator=g)
@@ -74,5 +116,28 @@ def profile_task(info, model: str, latent: int, modes: list[str], repeats: int =
             for kind in ("sync", "displaced"):
                 if kind in row:
                     row[kind]["ops_vs_plain"] = round(row[kind]["ops"] / out["plain"]["ops"], 2)
+                    row[kind]["dispatches_vs_plain"] = round(row[kind]["dispatches"] / out["plain"]["dispatches"], 2)
             out[mode] = row
+        for mode in compiled:
+            out[f"{mode}+torch_compile"] = _compiled_row(info, unet, x, t, ctx, extra if model.startswith("builtin-") else {},
+                                                         mode, repeats, out["plain"]["dispatches"])
     return out if info.rank == 0 else None
+
+
+def _compiled_row(info, unet, x, t, ctx, kw: dict, mode: str, repeats: int, plain_dispatches: int) -> dict:
+    """A displaced step of `mode` with compile=torch_compile, after the step that compiles it."""
+    config = PatchParallelConfig(world_size=info.world, mode=mode, warmup_steps=0, cfg_split=False,
+                                 compile=Compile.TORCH_COMPILE)
+    engine = DistriUNet(unet, config, info.groups)
+    try:
+        engine.forward_band(x, t, ctx, sync=True, **kw)
+        t0 = time.perf_counter()
+        engine.forward_band(x, t, ctx, sync=False, **kw)  # compiles
+        compile_s = time.perf_counter() - t0
+        engine.forward_band(x, t, ctx, sync=False, **kw)
+        n = dispatches(lambda: engine.forward_band(x, t, ctx, sync=False, **kw))
+        ms = _host_ms(lambda: engine.forward_band(x, t, ctx, sync=False, **kw), repeats)
+        return {"displaced": {"dispatches": n, "dispatches_vs_plain": round(n / plain_dispatches, 2), "ms": ms,
+                              "compile_s": round(compile_s, 1), "compiled_graphs": engine.compiled_graphs}}
+    finally:
+        engine.close()

@@ -34,6 +34,24 @@ def test_bench_writes_json_with_speedup_error_bytes_and_memory(tmp_path):
     assert "| 2 | full_sync |" in table and "exact" in table
 
 
+def test_bench_profile_reports_operators_dispatches_and_host_time(tmp_path):
+    out = tmp_path / "profile.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "distri_core.bench", "--profile", "--model", "micro", "--size", "256", "--ranks", "2",
+         "--modes", "corrected_async_gn,naive_patch", "--json", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["profile"]
+    assert [r["latent"] for r in rows] == [32]  # 16 rows a rank, and --size / 8: the same latent
+    row = rows[0]
+    assert row["plain"]["ops"] == row["plain"]["dispatches"] > 0 and row["plain"]["ms"] > 0
+    displaced = row["corrected_async_gn"]["displaced"]
+    assert displaced["host_waits"] == {} and displaced["first_call_host_waits"] == {}
+    assert displaced["ops_vs_plain"] == round(displaced["ops"] / row["plain"]["ops"], 2) > 1
+    assert row["naive_patch"]["displaced"]["ops"] < displaced["ops"]
+    assert not any(k.endswith("+torch_compile") for k in row)  # only with --compile torch_compile
+
+
 def test_bench_rejects_bad_arguments():
     done = subprocess.run([sys.executable, "-m", "distri_core.bench", "--repeat", "0"], capture_output=True, text=True)
     assert done.returncode == 2 and "--repeat=0: use 1 or more" in done.stderr

@@ -10,6 +10,10 @@ equal `nn.GroupNorm`. After warm-up:
 - `stale_gn`: the other bands' last-step statistics combined with this band's fresh ones;
 - `separate_gn`: this band's statistics alone.
 
+Both displaced estimates are one weighted sum of every band's stale (E[x], E[x^2]) plus this
+band's fresh ones, in a handful of operators on [B, G] tensors; this band's fresh statistics are
+written straight into its slot of the stale state, which is what is sent.
+
 The hot path never waits for the device: no float64, no host data copied to the device per call
 (the band weights are a device tensor made once per layout), no device value read back.
 
@@ -119,7 +123,10 @@ class DistriGroupNorm(DistriLayer):
             # in whole); stale: w with this band's own left out, its fresh moments weighted by w_rank.
             weights = ctx.band_weights.clone()
             own = weights[ctx.rank].clone()
-            weights[ctx.rank].sub_(1) if corrected else weights[ctx.rank].zero_()  # on the device, no host data
+            if corrected:  # in place on the device: no host data
+                weights[ctx.rank].sub_(1)
+            else:
+                weights[ctx.rank].zero_()
             weights = (weights.view(-1, 1, 1, 1), own)
             if memo is not None:
                 memo["weights"] = weights

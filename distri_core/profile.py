@@ -91,15 +91,15 @@ def profile_task(info, model: str, latent: int, modes: list[str], repeats: int =
     ctx = torch.randn(1, 77, dim, generator=g)
     t = torch.tensor([500.0])
     out = {"latent": latent, "ranks": info.world}
+    kw = extra if model.startswith("builtin-") else {}  # what the engine's calls take beyond x, t, ctx
     with torch.inference_mode():
         plain(x, t, ctx)
         out["plain"] = _measure(lambda: plain(x, t, ctx), repeats)
         for mode in modes:
             config = PatchParallelConfig(world_size=info.world, mode=mode, warmup_steps=0, cfg_split=False)
             engine = DistriUNet(unet, config, info.groups)
-            kw = extra if model.startswith("builtin-") else {}
 
-            def step(sync, engine=engine, kw=kw):
+            def step(sync, engine=engine):
                 return engine.forward_band(x, t, ctx, sync=sync, **kw)
 
             step(True)  # the first call of the key registers its exchanges
@@ -119,8 +119,8 @@ def profile_task(info, model: str, latent: int, modes: list[str], repeats: int =
                     row[kind]["dispatches_vs_plain"] = round(row[kind]["dispatches"] / out["plain"]["dispatches"], 2)
             out[mode] = row
         for mode in compiled:
-            out[f"{mode}+torch_compile"] = _compiled_row(info, unet, x, t, ctx, extra if model.startswith("builtin-") else {},
-                                                         mode, repeats, out["plain"]["dispatches"])
+            out[f"{mode}+torch_compile"] = _compiled_row(info, unet, x, t, ctx, kw, mode, repeats,
+                                                         out["plain"]["dispatches"])
     return out if info.rank == 0 else None
 
 

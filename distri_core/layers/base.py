@@ -155,8 +155,8 @@ class DistriLayer:
     @staticmethod
     def memo(views: list[torch.Tensor]) -> dict | None:
         """Where a layer may keep what it derives from stale views that do not move (see
-        `Exchanger.stale`); None when they may (and under torch.compile, which traces the plain
-        path into its graph instead of guarding on Python-side caches)."""
+        `Exchanger.stale`); None when they may move, and under torch.compile, which traces the
+        plain path into its graph instead of guarding on Python-side caches."""
         memo = getattr(views, "memo", None)
         return None if memo is None or torch.compiler.is_compiling() else memo
 

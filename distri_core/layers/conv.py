@@ -130,30 +130,34 @@ class DistriConv2d(DistriLayer):
             bottom = conv(torch.cat([x[:, :, h - 2 * p:], below], dim=2))
         return torch.cat([top, interior, bottom], dim=2)
 
-    def _halo_slot(self, ctx: CallContext, x: torch.Tensor) -> torch.Tensor:
-        """What this band sends its neighbours, in the exchange's dtype."""
+    def edge_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """`halo_slot(x, halo)`: the rows this band shares with its neighbours, as one gather of
+        the 2 * halo edge rows instead of two slices and a cat."""
         p, h = self.halo, x.shape[2]
         if h < p or torch.compiler.is_compiling():
-            fresh = halo_slot(x, p)
-        else:  # one gather of the 2p edge rows instead of two slices and a cat
-            index = self._edge_index.get((h, x.device))
-            if index is None:  # made once per band height and device, on the device (no host copy)
-                index = torch.cat([torch.arange(p, device=x.device), torch.arange(h - p, h, device=x.device)])
-                self._edge_index[(h, x.device)] = index
-            fresh = x.index_select(2, index)
+            return halo_slot(x, p)
+        index = self._edge_index.get((h, x.device))
+        if index is None:  # made once per band height and device, on the device (no host copy)
+            index = torch.cat([torch.arange(p, device=x.device), torch.arange(h - p, h, device=x.device)])
+            self._edge_index[(h, x.device)] = index
+        return x.index_select(2, index)
+
+    def _halo_slot(self, ctx: CallContext, x: torch.Tensor) -> torch.Tensor:
+        """What this band sends its neighbours, in the exchange's dtype."""
+        fresh = self.edge_rows(x)
         return fresh if ctx.comm_dtype is None or ctx.comm_dtype == fresh.dtype else fresh.to(ctx.comm_dtype)
 
     def _neighbours(self, ctx: CallContext, views: list[torch.Tensor], x: torch.Tensor):
         """The halo rows above and below this band, in x's dtype, from every band's slot."""
-        memo = self.memo(views)
-        found = memo.get(("halo", x.shape[2])) if memo is not None else None
+        memo = self.memo(views)  # one per exchange, whose shapes are fixed: one entry
+        found = memo.get("halo") if memo is not None else None
         if found is None:
             heights = [ctx.bands.scaled(j, x.shape[2], ctx.rank) for j in range(ctx.bands.parts)]
             found = assemble_halo(views, heights, ctx.rank, self.halo)
             if memo is not None and min(heights) >= self.halo:
                 # Each side is one view of a neighbour's slot (or zeros past the image edge), not
                 # a copy, so it stays right from call to call.
-                memo[("halo", x.shape[2])] = found
+                memo["halo"] = found
         above, below = found
         if above.dtype != x.dtype:
             above, below = above.to(x.dtype), below.to(x.dtype)

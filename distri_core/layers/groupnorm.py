@@ -31,7 +31,6 @@ import torch.nn.functional as F
 
 from ..config import Mode
 from .base import CallContext, DistriLayer
-from .conv import halo_slot
 
 
 def combine_stats(stats: list[torch.Tensor], weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,8 +116,8 @@ class DistriGroupNorm(DistriLayer):
             stats = self.shape_probe((*mean_l.shape, 2), mean_l.dtype)
         views, _ = self.exchange(ctx, stats)
         memo = self.memo(views)
-        weights = memo.get("weights") if memo is not None else None
-        if weights is None:
+        cached = memo.get("weights") if memo is not None else None
+        if cached is None:
             # corrected: w - e_rank (this band's stale moments are taken out, its fresh ones put
             # in whole); stale: w with this band's own left out, its fresh moments weighted by w_rank.
             weights = ctx.band_weights.clone()
@@ -127,10 +126,10 @@ class DistriGroupNorm(DistriLayer):
                 weights[ctx.rank].sub_(1)
             else:
                 weights[ctx.rank].zero_()
-            weights = (weights.view(-1, 1, 1, 1), own)
+            cached = (weights.view(-1, 1, 1, 1), own)
             if memo is not None:
-                memo["weights"] = weights
-        weights, own = weights
+                memo["weights"] = cached
+        weights, own = cached
         moments = torch.stack(views)  # [P, B, G, 2]: (mean, variance) ...
         means, second = moments.unbind(-1)
         second.addcmul_(means, means)  # ... -> (mean, mean of squares)
@@ -162,7 +161,7 @@ class DistriGroupNorm(DistriLayer):
         exchange, the neighbours' rows (normalized and activated here) as the conv's."""
         m, conv = self.module, self.feeds
         fresh = torch.stack([mean, var], dim=-1)
-        raw = halo_slot(x, conv.halo)
+        raw = conv.edge_rows(x)
         payload = torch.cat([fresh.reshape(-1), raw.reshape(-1) if raw.dtype == torch.float32 else raw.reshape(-1).float()])
         views = ctx.exchanger.gather(self.name + "+halo", payload, None, keep=False)
         n = fresh.numel()

@@ -118,10 +118,17 @@ class _Entry:
     # storage never moves, so a call reads and publishes through these without building views.
     views: StaleViews = field(default_factory=lambda: StaleViews([]))
 
-    def place(self, bucket: _Bucket, offset: int, world: int) -> None:
+    def place(self, bucket: _Bucket, offset: int) -> None:
         self.bucket, self.offset = bucket, offset
-        rows = bucket.rows[:, offset:offset + self.slot]
-        self.views = StaleViews(rows[j, :math.prod(self.shapes[j])].view(self.shapes[j]) for j in range(world))
+        self.views = StaleViews(self.views_of(bucket.rows[:, offset:offset + self.slot]))
+
+    def views_of(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's tensor in a [world, slot] of this exchange (one view and an unbind where
+        all ranks send the same shape, unpadded: the common case, and fewer operators)."""
+        shapes = self.shapes
+        if all(s == shapes[0] for s in shapes) and math.prod(shapes[0]) == self.slot and rows.is_contiguous():
+            return list(rows.view(len(shapes), *shapes[0]).unbind(0))
+        return [rows[j, :math.prod(shape)].view(shape) for j, shape in enumerate(shapes)]
 
 
 @dataclass
@@ -223,7 +230,7 @@ class StaleBuffers:
         every rank's view."""
         with self.stats.waiting(rows.device):
             work.wait()
-        views = self._views(entry, rows)
+        views = entry.views_of(rows)
         if keep:
             if entry.bucket is not None:
                 self._wait(entry.bucket)
@@ -231,15 +238,6 @@ class StaleBuffers:
             elif self.phase is Phase.REGISTER and name in self.entries:
                 self._keep(entry, rows)
         return views
-
-    @staticmethod
-    def _views(entry: _Entry, rows: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's tensor in a gathered [world, slot] (one view and an unbind where all ranks
-        send the same shape, unpadded: the common case, and fewer operators per exchange)."""
-        shapes = entry.shapes
-        if all(s == shapes[0] for s in shapes) and math.prod(shapes[0]) == entry.slot:
-            return list(rows.view(len(shapes), *shapes[0]).unbind(0))
-        return [rows[j, :math.prod(shape)].view(shape) for j, shape in enumerate(shapes)]
 
     @_eager
     def provide(self, name: str, rows: torch.Tensor, fresh_shape: tuple[int, ...]) -> None:
@@ -299,7 +297,7 @@ class StaleBuffers:
         self.peak_bytes = max(self.peak_bytes, self.nbytes + self._kept_bytes)
         off = 0
         for e in group:
-            e.place(bucket, off, self.world)
+            e.place(bucket, off)
             rows[:, off:off + e.slot].copy_(e.kept)
             self._kept_bytes -= e.kept.numel() * e.kept.element_size()
             e.kept = None

@@ -171,7 +171,7 @@ class ExtrapolatingBuffers(StaleBuffers):
                 out[j] = cur + f * (cur - older[j])
         return out
 
-    def stale(self, name: str, fresh: torch.Tensor, scaled_dim: int | None) -> list[torch.Tensor]:
+    def stale(self, name: str, fresh, scaled_dim: int | None) -> list[torch.Tensor]:
         uname = self._uname(name)
         views = super().stale(name, fresh, scaled_dim)
         entry = self.entries[uname]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 
 import torch
 
@@ -43,19 +44,32 @@ def _operator(name: str) -> bool:
     return name.split("::", 1)[0] in _NAMESPACES if "::" in name else False
 
 
-def dispatches(call) -> int:
-    """Operators and generated kernels the host launches in one call (see the module's doc)."""
-    from torch.profiler import ProfilerActivity, profile
+def dispatched(call) -> Counter:
+    """What the host launches in one call (see the module's doc), by name; TorchInductor's
+    generated kernels count under "<kernel>" (recorded when cpp.enable_kernel_profile is on)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        call()
-    count = 0
-    for event in prof.events():
+        with record_function("distri.dispatched"):
+            call()
+    events = prof.events()
+    # Only what the calling thread launches: gloo runs a collective's copies on threads of its own
+    # (NCCL on the device), and those are the collective's work, not launches of the call.
+    thread = next(e.thread for e in events if e.name == "distri.dispatched")
+    names: Counter = Counter()
+    for event in events:
+        if event.thread != thread:
+            continue
         if "cpp_fused" in event.name or event.name.startswith("triton_"):
-            count += 1  # a TorchInductor kernel (recorded when cpp.enable_kernel_profile is on)
+            names["<kernel>"] += 1
         elif _operator(event.name) and not (event.cpu_parent is not None and _operator(event.cpu_parent.name)):
-            count += 1
-    return count
+            names[event.name] += 1
+    return names
+
+
+def dispatches(call) -> int:
+    """Operators and generated kernels the host launches in one call (see the module's doc)."""
+    return sum(dispatched(call).values())
 
 
 def _host_ms(call, repeats: int) -> float:

@@ -82,11 +82,12 @@ def build(kind: str = "sd15", seed: int = 0, dtype: torch.dtype = torch.float32,
     return model.eval().requires_grad_(False)
 
 
-def comfy_weights(module, x):
+def comfy_weights():
     """The weight accessor the pool's workers use for ComfyUI models (nodes/worker_setup.py):
     comfy.ops.cast_bias_weight where the op casts or carries weight patches, else the plain
-    parameters."""
-    return _worker_setup().comfy_weights(module, x)
+    parameters. The function itself, as the workers get it (a wrapper that loads the module on
+    first use would be traced by torch.compile, and break its graphs, at every layer)."""
+    return _worker_setup().comfy_weights
 
 
 @functools.cache

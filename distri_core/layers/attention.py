@@ -40,13 +40,11 @@ class DistriKV(DistriLayer):
     """Image-wide K and V for this band's queries."""
 
     def full_kv(self, ctx: CallContext, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if (not ctx.sync and (ctx.comm_dtype is None or ctx.comm_dtype == k.dtype)
-                and not torch.compiler.is_compiling()):
+        if not ctx.sync and (ctx.comm_dtype is None or ctx.comm_dtype == k.dtype):
             # A displaced step: the exchange needs only the shape of [K; V] to hand out the stale views.
-            views, _ = self.exchange(ctx, self.shape_probe((2, *k.shape), k.dtype), scaled_dim=2)
-            memo = self.memo(views)
-            if memo is not None:
-                return self._kv_in_place(ctx, views, memo, k, v)
+            views, _ = self.exchange(ctx, ((2, *k.shape), k.dtype), scaled_dim=2)
+            if self.in_place(ctx, views):
+                return self._kv_in_place(ctx, views, k, v)
             fresh = torch.stack([k, v])
         else:
             fresh = torch.stack([k, v])  # [2, B, N, C]
@@ -59,21 +57,24 @@ class DistriKV(DistriLayer):
         self.publish(ctx, fresh)
         return kv[0], kv[1]
 
-    def _kv_in_place(self, ctx: CallContext, views: list[torch.Tensor], memo: dict, k: torch.Tensor,
+    def _kv_in_place(self, ctx: CallContext, views: list[torch.Tensor], k: torch.Tensor,
                      v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Displaced step with views that stay put: this band's K and V are written straight into
         its own slot (which is what gets sent), and the image's K and V are one cat each of every
         band's slot: two copies and two cats, where stacking, casting and publishing took more."""
-        parts = memo.get("kv")
+        memo = self.memo(views)
+        parts = memo.get("kv") if memo is not None else None
         if parts is None:
-            parts = memo["kv"] = ([t[0] for t in views], [t[1] for t in views])
+            parts = ([t[0] for t in views], [t[1] for t in views])
+            if memo is not None:
+                memo["kv"] = parts
         ks, vs = parts
         ks[ctx.rank].copy_(k)
         vs[ctx.rank].copy_(v)
         full_k, full_v = torch.cat(ks, dim=1), torch.cat(vs, dim=1)
         # The cats were issued before the publish that may launch this bucket's gather (which
         # overwrites the other bands' slots): on a GPU the gather's stream waits for them.
-        self.publish(ctx, views[ctx.rank])
+        self.publish(ctx, None)
         return full_k, full_v
 
 

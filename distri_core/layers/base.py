@@ -30,12 +30,13 @@ class Exchanger(Protocol):
              keep=False (for exchanges that are never read stale).
     gather_start: the same, launched asynchronously; the returned function waits and gives the
              tensors (so a synchronous layer can compute what does not need them meanwhile).
-    stale:   last call's tensors of every rank (waits for the pending gather that brings them).
-             The list may carry a `memo` dict: then its views stay the same tensors from call to
-             call (until the stale state is dropped) and a layer may keep what it derives from
-             them there, and may write its fresh tensor into its own view in place.
+    stale:   last call's tensors of every rank (waits for the pending gather that brings them),
+             checked against this call's tensor or its (shape, dtype). A `StaleViews` list
+             stays the same tensors from call to call (until the stale state is dropped): a
+             layer may keep what it derives from them in its `memo`, and may write its fresh
+             tensor into its own view in place.
     publish: hand over this call's tensor; it is sent asynchronously, overlapping later compute.
-             Publishing the own view written in place sends it without a copy.
+             None: it was written into its own view in place (nothing to copy).
     provide: every rank's tensor for the next gather of a name in this call, already known (it
              travelled inside an earlier gather): that gather sends nothing.
     """
@@ -51,6 +52,17 @@ class Exchanger(Protocol):
     def publish(self, name: str, fresh: torch.Tensor) -> None: ...
 
     def provide(self, name: str, rows: torch.Tensor, fresh_shape: tuple[int, ...]) -> None: ...
+
+
+class StaleViews(list):
+    """Every rank's tensor of one exchange, as views of the stale state (what `Exchanger.stale`
+    returns when they never move). A layer may keep what it derives from them (slices, casts of
+    constant shape) in `memo`, which lives and dies with the stale state, and may write this
+    call's tensor into its own view."""
+
+    def __init__(self, views):
+        super().__init__(views)
+        self.memo: dict = {}
 
 
 @dataclass
@@ -71,6 +83,10 @@ class CallContext:
     band_weights: torch.Tensor | None = None
     # Tokens before the image tokens in a DiT's joint sequence (its text tokens), kept whole.
     prefix_tokens: int = 0
+    # Layers may write their fresh tensors into their own stale views (`DistriLayer.in_place`).
+    # Off under compile=cuda_graphs: CUDA graph trees refuse to capture a graph that mutates an
+    # input whose memory they do not own, so the write stays an eager copy between graphs there.
+    write_in_place: bool = True
 
     @property
     def split(self) -> bool:
@@ -130,27 +146,19 @@ class DistriLayer:
         call = self.host.call
         return call if call is not None and call.split else None
 
-    def exchange(self, ctx: CallContext, fresh: torch.Tensor, scaled_dim: int | None = None,
-                 tag: str = "") -> tuple[list[torch.Tensor], bool]:
+    def exchange(self, ctx: CallContext, fresh: torch.Tensor | tuple[tuple[int, ...], torch.dtype],
+                 scaled_dim: int | None = None, tag: str = "") -> tuple[list[torch.Tensor], bool]:
         """Every rank's version of `fresh` and whether they are from this call.
 
         Synchronous calls gather this call's tensors (blocking). Otherwise the list holds the
         previous call's tensors of every rank (own included, so stale variants can use it): the
-        caller must finish with them, then call `publish`.
+        caller must finish with them, then call `publish`. A displaced step needs only the fresh
+        tensor's (shape, dtype), so a layer can write the tensor into its own view later.
         """
         name = self.name + tag
         if ctx.sync:
             return ctx.exchanger.gather(name, fresh, scaled_dim), True
         return ctx.exchanger.stale(name, fresh, scaled_dim), False
-
-    def shape_probe(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A meta tensor of this shape and dtype (made once per shape): what a displaced
-        exchange checks its stale state against, when the fresh tensor is not built before it."""
-        probes = self.__dict__.setdefault("_probes", {})
-        probe = probes.get((shape, dtype))
-        if probe is None:
-            probe = probes[(shape, dtype)] = torch.empty(shape, dtype=dtype, device="meta")
-        return probe
 
     @staticmethod
     def memo(views: list[torch.Tensor]) -> dict | None:
@@ -160,8 +168,16 @@ class DistriLayer:
         memo = getattr(views, "memo", None)
         return None if memo is None or torch.compiler.is_compiling() else memo
 
-    def publish(self, ctx: CallContext, fresh: torch.Tensor, tag: str = "") -> None:
-        """After an asynchronous `exchange`: send this call's tensor for the next call."""
+    @staticmethod
+    def in_place(ctx: CallContext, views: list[torch.Tensor]) -> bool:
+        """The stale views stay put (see `Exchanger.stale`): this call's tensor may be written into
+        its own view and published as `None`, eagerly or inside a compiled graph (where the write
+        joins the kernel that computes it, instead of a copy between graphs)."""
+        return ctx.write_in_place and isinstance(views, StaleViews)
+
+    def publish(self, ctx: CallContext, fresh: torch.Tensor | None, tag: str = "") -> None:
+        """After an asynchronous `exchange`: send this call's tensor for the next call (None:
+        it was written into this band's own stale view, see `in_place`)."""
         if not ctx.sync:
             ctx.exchanger.publish(self.name + tag, fresh)
 

@@ -133,14 +133,19 @@ class DistriConv2d(DistriLayer):
     def edge_rows(self, x: torch.Tensor) -> torch.Tensor:
         """`halo_slot(x, halo)`: the rows this band shares with its neighbours, as one gather of
         the 2 * halo edge rows instead of two slices and a cat."""
+        if x.shape[2] < self.halo or torch.compiler.is_compiling():
+            return halo_slot(x, self.halo)
+        return x.index_select(2, self._edge_index_for(x))
+
+    def _edge_index_for(self, x: torch.Tensor) -> torch.Tensor:
+        """Indices of the 2 * halo edge rows of a band of x's height, made once per height and
+        device, on the device (no host copy per call)."""
         p, h = self.halo, x.shape[2]
-        if h < p or torch.compiler.is_compiling():
-            return halo_slot(x, p)
         index = self._edge_index.get((h, x.device))
-        if index is None:  # made once per band height and device, on the device (no host copy)
+        if index is None:
             index = torch.cat([torch.arange(p, device=x.device), torch.arange(h - p, h, device=x.device)])
             self._edge_index[(h, x.device)] = index
-        return x.index_select(2, index)
+        return index
 
     def _halo_slot(self, ctx: CallContext, x: torch.Tensor) -> torch.Tensor:
         """What this band sends its neighbours, in the exchange's dtype."""
@@ -164,11 +169,26 @@ class DistriConv2d(DistriLayer):
         return above, below
 
     def _with_halo(self, ctx: CallContext, x: torch.Tensor) -> torch.Tensor:
-        fresh = self._halo_slot(ctx, x)
-        views, _ = self.exchange(ctx, fresh)
+        if ctx.sync:
+            views, _ = self.exchange(ctx, self._halo_slot(ctx, x))
+            above, below = self._neighbours(ctx, views, x)
+            return torch.cat([above, x, below], dim=2)
+        p, h = self.halo, x.shape[2]
+        dtype = ctx.comm_dtype or x.dtype
+        views, _ = self.exchange(ctx, ((x.shape[0], x.shape[1], 2 * p, x.shape[3]), dtype))
         above, below = self._neighbours(ctx, views, x)
         padded = torch.cat([above, x, below], dim=2)
-        self.publish(ctx, fresh)
+        # This band's edge rows go out only after the cat has read the neighbours' (the publish
+        # may launch the gather that overwrites them; on a GPU the gather's stream waits for it).
+        if not self.in_place(ctx, views):
+            self.publish(ctx, self._halo_slot(ctx, x))
+            return padded
+        own = views[ctx.rank]
+        if h >= p and dtype == x.dtype and not torch.compiler.is_compiling():
+            torch.index_select(x, 2, self._edge_index_for(x), out=own)  # straight into the slot
+        else:  # compiled: the compiler joins the write to the kernel that computes the rows
+            own.copy_(self._halo_slot(ctx, x))
+        self.publish(ctx, None)
         return padded
 
     def _conv(self, x: torch.Tensor, padding) -> torch.Tensor:

@@ -110,11 +110,7 @@ class DistriGroupNorm(DistriLayer):
         to this band's own) or `stale_gn` (the other bands' last-step statistics with this band's
         fresh ones). Both are one weighted sum of every band's stale moments."""
         corrected = ctx.mode is Mode.CORRECTED_ASYNC_GN
-        if torch.compiler.is_compiling():  # traced: build the statistics first (no Python-side caches)
-            stats = torch.stack([mean_l, var_l], dim=-1)
-        else:
-            stats = self.shape_probe((*mean_l.shape, 2), mean_l.dtype)
-        views, _ = self.exchange(ctx, stats)
+        views, _ = self.exchange(ctx, ((*mean_l.shape, 2), mean_l.dtype))
         memo = self.memo(views)
         cached = memo.get("weights") if memo is not None else None
         if cached is None:
@@ -130,7 +126,7 @@ class DistriGroupNorm(DistriLayer):
             if memo is not None:
                 memo["weights"] = cached
         weights, own = cached
-        moments = torch.stack(views)  # [P, B, G, 2]: (mean, variance) ...
+        moments = torch.stack(list(views))  # [P, B, G, 2]: (mean, variance) ... (a plain list: traceable)
         means, second = moments.unbind(-1)
         second.addcmul_(means, means)  # ... -> (mean, mean of squares)
         fresh = torch.stack([mean_l, second_l], dim=-1)
@@ -141,11 +137,14 @@ class DistriGroupNorm(DistriLayer):
             var = torch.where(var < 0, var_l, var)
         else:
             var = var.clamp_min_(0.0)
-        if memo is not None:  # written straight into this band's slot, which is what is sent
-            stats = torch.stack([mean_l, var_l], dim=-1, out=views[ctx.rank])
-        elif stats.is_meta:
-            stats = torch.stack([mean_l, var_l], dim=-1)
-        self.publish(ctx, stats)
+        if not self.in_place(ctx, views):
+            self.publish(ctx, torch.stack([mean_l, var_l], dim=-1))
+        else:  # written straight into this band's slot, which is what is sent
+            if torch.compiler.is_compiling():  # a write the compiler joins to the kernel computing it
+                views[ctx.rank].copy_(torch.stack([mean_l, var_l], dim=-1))
+            else:
+                torch.stack([mean_l, var_l], dim=-1, out=views[ctx.rank])
+            self.publish(ctx, None)
         return mean, var
 
     def _can_carry(self, ctx: CallContext, x: torch.Tensor) -> bool:

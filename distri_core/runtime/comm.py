@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ..layers.base import StaleViews
 from ..layout import BandPlan
 from .stats import CommStats
 
@@ -93,16 +94,6 @@ class Phase(enum.Enum):
     REGISTER = "register"
     READY = "ready"
     CLOSED = "closed"
-
-
-class StaleViews(list):
-    """Every rank's tensor of one exchange, as views of its bucket (what `stale` returns). The
-    views never move, so a layer may keep what it derives from them (slices, casts of constant
-    shape) in `memo`, which lives and dies with the stale state."""
-
-    def __init__(self, views):
-        super().__init__(views)
-        self.memo: dict = {}
 
 
 @dataclass
@@ -248,7 +239,8 @@ class StaleBuffers:
         self._provided[name if n == 0 else f"{name}#{n}"] = (rows, tuple(fresh_shape))
 
     @_eager
-    def stale(self, name: str, fresh: torch.Tensor, scaled_dim: int | None) -> list[torch.Tensor]:
+    def stale(self, name: str, fresh: torch.Tensor | tuple[tuple[int, ...], torch.dtype],
+              scaled_dim: int | None) -> list[torch.Tensor]:
         name = self._unique(name)
         entry = self.entries.get(name)
         if entry is None or entry.bucket is None:
@@ -256,19 +248,19 @@ class StaleBuffers:
                 f"no stale activations for {name}: it was not part of this key's first (synchronous) "
                 "call; the model took a different path than in that call"
             )
-        if tuple(fresh.shape) != entry.shapes[self.rank] or fresh.dtype != entry.dtype:
-            raise RuntimeError(f"{name}: got {tuple(fresh.shape)} {fresh.dtype}, stale state holds "
+        shape, dtype = (tuple(fresh.shape), fresh.dtype) if isinstance(fresh, torch.Tensor) else fresh
+        if tuple(shape) != entry.shapes[self.rank] or dtype != entry.dtype:
+            raise RuntimeError(f"{name}: got {tuple(shape)} {dtype}, stale state holds "
                                f"{entry.shapes[self.rank]} {entry.dtype}; the stale key must include the input shape")
         self._wait(entry.bucket)
         return entry.views
 
     @_eager
-    def publish(self, name: str, fresh: torch.Tensor) -> None:
+    def publish(self, name: str, fresh: torch.Tensor | None) -> None:
         suffix = self._seen.get(name, 1) - 1
         entry = self.entries[name if suffix == 0 else f"{name}#{suffix}"]
-        own = entry.views[self.rank]
-        if fresh is not own:  # a layer may have written its fresh tensor in place (see stale)
-            own.copy_(fresh)
+        if fresh is not None:  # None: the layer wrote it into its own view (see stale)
+            entry.views[self.rank].copy_(fresh)
         bucket = entry.bucket
         bucket.published += 1
         if bucket.published == len(bucket.entries):

@@ -183,7 +183,8 @@ class DistriUNet:
         if state.band_weights is None or state.band_weights.device != call.x.device:
             state.band_weights = band_weights(call.layout.bands.heights, call.x.device)
         self.host.call = CallContext(mode, is_sync, call.band, call.layout.bands, state.buffers, comm_dtype,
-                                     call.input_halo, state.band_weights, self.adapter.prefix_tokens(call.context))
+                                     call.input_halo, state.band_weights, self.adapter.prefix_tokens(call.context),
+                                     write_in_place=self.config.compile is not Compile.CUDA_GRAPHS)
         state.buffers.begin_call()
         forward = self._forward
         if self.config.compile is not Compile.OFF and not is_sync and self.groups.size > 1:

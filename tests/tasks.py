@@ -316,6 +316,23 @@ def unchanged_input_errors(info, family, kind, height, width, modes, comfy_path=
     return out if info.rank == 0 else None
 
 
+def copied_vs_in_place(info, family, kind, height, width, mode="corrected_async_gn", comfy_path=None):
+    """Per call, max |copied - in place| between an engine whose layers write what they send into
+    their stale slots (the default) and one whose layers hand over a fresh tensor that the exchange
+    copies (what they do under compile=cuda_graphs on a GPU, see CallContext.write_in_place)."""
+    unet, _, accessor = build(family, kind, comfy_path)
+    x, t, ctx, kw = inputs(family, kind, 1, height, width)
+    seq = [(x * (1 - 0.02 * i), t - 10 * i) for i in range(4)]
+    outs = []
+    with torch.inference_mode():
+        for in_place in (True, False):
+            engine = _engine(info, unet, accessor, mode=mode, warmup_steps=0)
+            engine.write_in_place = in_place
+            outs.append([engine(xi, ti, ctx, **_fresh(kw)) for xi, ti in seq])
+            engine.close()
+    return [float((a - b).abs().max()) for a, b in zip(*outs, strict=True)] if info.rank == 0 else None
+
+
 def compiled_calls(info, family, kind, height, width, mode="corrected_async_gn", comfy_path=None):
     """The same displaced calls through an eager and a compiled (TorchInductor) engine: per call,
     max |compiled - eager| and the compiled engine's graph count after it. Calls: key "a" (the

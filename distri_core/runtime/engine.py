@@ -108,6 +108,9 @@ class DistriUNet:
         self.stats = CommStats()
         self._keys: dict[Hashable, _KeyState] = {}
         self._compiled = None  # the displaced steps' forward under torch.compile (config.compile)
+        # Layers write what they send into their own stale slots (see CallContext.write_in_place);
+        # not under cuda_graphs, whose graph trees refuse graphs that mutate inputs they do not own.
+        self.write_in_place = self.config.compile is not Compile.CUDA_GRAPHS
         self.compiled_graphs = 0  # graphs the compiler built so far (each recompile adds its graphs)
 
     @property
@@ -184,7 +187,7 @@ class DistriUNet:
             state.band_weights = band_weights(call.layout.bands.heights, call.x.device)
         self.host.call = CallContext(mode, is_sync, call.band, call.layout.bands, state.buffers, comm_dtype,
                                      call.input_halo, state.band_weights, self.adapter.prefix_tokens(call.context),
-                                     write_in_place=self.config.compile is not Compile.CUDA_GRAPHS)
+                                     write_in_place=self.write_in_place)
         state.buffers.begin_call()
         forward = self._forward
         if self.config.compile is not Compile.OFF and not is_sync and self.groups.size > 1:

@@ -14,6 +14,10 @@ Both displaced estimates are one weighted sum of every band's stale (E[x], E[x^2
 band's fresh ones, in a handful of operators on [B, G] tensors; this band's fresh statistics are
 written straight into its slot of the stale state, which is what is sent.
 
+Every path normalizes with the native batch-norm inference kernel, fed each channel's group's
+image-wide statistics: one pass over x, where the GroupNorm kernel would compute statistics we
+already have.
+
 The hot path never waits for the device: no float64, no host data copied to the device per call
 (the band weights are a device tensor made once per layout), no device value read back.
 
@@ -73,36 +77,30 @@ class DistriGroupNorm(DistriLayer):
             mean_g, var_g = self._displaced(ctx, mean_l, var_l, second_l)
         else:
             mean_g, var_g = self._global(ctx, mean_l, var_l)
-        return self._normalize(x, mean_l, var_l, mean_g, var_g)
+        return self._normalize(x, mean_g, var_g)
 
-    def _normalize(self, x: torch.Tensor, mean_l: torch.Tensor, var_l: torch.Tensor, mean_g: torch.Tensor,
-                   var_g: torch.Tensor) -> torch.Tensor:
-        """x normalized with the image-wide statistics. The native kernel normalizes with this
-        band's own (and rounds once); a per-(batch, channel) affine turns that into normalization
-        with the image-wide ones:
-          (x - mg) * rg * w + b = ((x - ml) * rl) * (w * rg / rl) + (b + w * (ml - mg) * rg)"""
+    def _normalize(self, x: torch.Tensor, mean_g: torch.Tensor, var_g: torch.Tensor) -> torch.Tensor:
+        """x normalized with the image-wide statistics, in one pass over x: the native batch-norm
+        inference kernel over (batch, channel) rows, whose running statistics are each channel's
+        group's image-wide mean and variance (float32), with the GroupNorm's affine per channel.
+        It computes (x - mean) * rsqrt(var + eps) * w + b as the native GroupNorm kernel does, and
+        reads x once (the GroupNorm kernel reads it twice, once for statistics we already have)."""
         m = self.module
         b, c = x.shape[:2]
         groups = m.num_groups
-        rstd_g = torch.rsqrt(var_g + m.eps)
-        ratio = (var_l + m.eps).sqrt_().mul_(rstd_g).unsqueeze(-1)  # rg / rl, [B, G, 1]
-        offset = (mean_l - mean_g).mul_(rstd_g).unsqueeze(-1)  # (ml - mg) * rg
-        if m.affine:
-            with self.host.weights(m, x) as (w, bias):
-                w = (w if w.dtype == torch.float32 else w.float()).view(groups, -1)
-                scale = ratio * w
-                if bias is None:
-                    shift = offset * w
-                else:
-                    bias = bias if bias.dtype == torch.float32 else bias.float()
-                    shift = torch.addcmul(bias.view(groups, -1), offset, w)
-        else:
-            scale, shift = ratio.expand(b, groups, c // groups), offset.expand(b, groups, c // groups)
-        scale, shift = scale.reshape(-1), shift.reshape(-1)
-        if x.dtype != torch.float32:
-            scale, shift = scale.to(x.dtype), shift.to(x.dtype)
-        out = F.group_norm(x.reshape(1, b * c, *x.shape[2:]), b * groups, scale, shift, m.eps)
-        return out.view_as(x)
+        stats = torch.stack([mean_g, var_g])  # [2, B, G]
+        if c != groups:
+            stats = stats.unsqueeze(-1).expand(2, b, groups, c // groups)
+        mean, var = stats.reshape(2, b * c).unbind(0)
+        rows = x.reshape(1, b * c, -1)
+        if not m.affine:
+            return F.batch_norm(rows, mean, var, None, None, False, 0.0, m.eps).view_as(x)
+        with self.host.weights(m, x) as (w, bias):  # used inside: a cast copy is released after
+            w = w if w.dtype == torch.float32 else w.float()
+            bias = bias if bias is None or bias.dtype == torch.float32 else bias.float()
+            if b > 1:
+                w, bias = w.repeat(b), (None if bias is None else bias.repeat(b))
+            return F.batch_norm(rows, mean, var, w, bias, False, 0.0, m.eps).view_as(x)
 
     def _displaced(self, ctx: CallContext, mean_l: torch.Tensor, var_l: torch.Tensor, second_l: torch.Tensor):
         """A displaced step of `corrected_async_gn` (last step's image-wide mean and mean of

@@ -270,9 +270,9 @@ def test_compiled_displaced_steps_equal_eager_and_compile_once(cluster, comfy_ro
     assert next_run == [a[3]] * 3  # the next sampling run reuses the graphs
     # The layers write their fresh tensors into their stale slots inside the compiled graphs (no
     # copy between graphs), and read the stale views in the graph: a compiled displaced call
-    # launches about what the eager plain UNet does (measured 1.0x here; 1.50x when every write was
-    # an eager copy), where the eager displaced call launches about 3x.
-    print("compiled displaced", sum(launched.values()), "plain", sum(plain.values()), launched.most_common(8))
+    # launches about what the eager plain UNet does (measured 813 against 711 here, most of the
+    # rest ComfyUI's CPU attention, which runs eagerly; tiny 1.02x, and 1.50x there when every
+    # write was an eager copy), where an eager displaced call launches about 3x.
     assert launched["aten::copy_"] == 0, launched
     assert sum(launched.values()) <= 1.3 * sum(plain.values()), (launched, plain)
 

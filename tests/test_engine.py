@@ -114,11 +114,12 @@ def test_displaced_steps_with_an_unchanged_input_are_exact(cluster, comfy_arg, f
         assert max(errors) < EXACT, (mode, errors)
 
 
-@pytest.mark.parametrize("family, kind, height, width", MODELS)
+@pytest.mark.parametrize("family, kind, height, width", [m for m in MODELS if "flux" not in m.id])
 def test_copied_and_in_place_publishing_agree(cluster, comfy_arg, family, kind, height, width):
     # Under compile=cuda_graphs (GPU only) the layers cannot write into their stale slots inside the
     # graphs and hand over fresh tensors instead: the same path, run eagerly here, gives the same
-    # bits in every call, synchronous and displaced.
+    # bits in every call, synchronous and displaced. (The DiTs' joint attention never writes in
+    # place: nothing to compare there.)
     r = cluster.run(tasks.copied_vs_in_place, family, kind, height, width, size=3, **comfy_arg)[0]
     assert r == [0.0] * 4, r
 

@@ -44,21 +44,29 @@ def _operator(name: str) -> bool:
     return name.split("::", 1)[0] in _NAMESPACES if "::" in name else False
 
 
-def dispatched(call) -> Counter:
+def dispatched(call, settle=None) -> Counter:
     """What the host launches in one call (see the module's doc), by name; TorchInductor's
-    generated kernels count under "<kernel>" (recorded when cpp.enable_kernel_profile is on)."""
+    generated kernels count under "<kernel>" (recorded when cpp.enable_kernel_profile is on).
+
+    `settle()` (an engine's `drain`) runs after the call, still under the profiler but not
+    counted: a collective launched while the profiler runs must finish before it stops (waiting
+    on a gloo work that outlived its profiler crashed the process, now and then)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         with record_function("distri.dispatched"):
             call()
+        if settle is not None:
+            settle()
     events = prof.events()
-    # Only what the calling thread launches: gloo runs a collective's copies on threads of its own
-    # (NCCL on the device), and those are the collective's work, not launches of the call.
-    thread = next(e.thread for e in events if e.name == "distri.dispatched")
+    # Only what the calling thread launches within the call: gloo runs a collective's copies on
+    # threads of its own (NCCL on the device), and those are the collective's work, not launches
+    # of the call.
+    marker = next(e for e in events if e.name == "distri.dispatched")
+    thread, start, end = marker.thread, marker.time_range.start, marker.time_range.end
     names: Counter = Counter()
     for event in events:
-        if event.thread != thread:
+        if event.thread != thread or not start <= event.time_range.start <= end:
             continue
         if "cpp_fused" in event.name or event.name.startswith("triton_"):
             names["<kernel>"] += 1
@@ -67,9 +75,9 @@ def dispatched(call) -> Counter:
     return names
 
 
-def dispatches(call) -> int:
-    """Operators and generated kernels the host launches in one call (see the module's doc)."""
-    return sum(dispatched(call).values())
+def dispatches(call, settle=None) -> int:
+    """Operators and generated kernels the host launches in one call (see `dispatched`)."""
+    return sum(dispatched(call, settle).values())
 
 
 def _host_ms(call, repeats: int) -> float:
@@ -81,12 +89,12 @@ def _host_ms(call, repeats: int) -> float:
     return round(statistics.median(times) * 1e3, 2)
 
 
-def _measure(call, repeats: int = 3) -> dict:
+def _measure(call, repeats: int = 3, settle=None) -> dict:
     """Operators and host-waiting operators of one call, its profiler dispatches, and the median
-    host time of `repeats`."""
+    host time of `repeats` (`settle`: see `dispatched`)."""
     with OpCounter() as counter:
         call()
-    return {"ops": counter.total, "host_waits": dict(counter.host_waits), "dispatches": dispatches(call),
+    return {"ops": counter.total, "host_waits": dict(counter.host_waits), "dispatches": dispatches(call, settle),
             "ms": _host_ms(call, repeats)}
 
 
@@ -117,14 +125,14 @@ def profile_task(info, model: str, latent: int, modes: list[str], repeats: int =
                 return engine.forward_band(x, t, ctx, sync=sync, **kw)
 
             step(True)  # the first call of the key registers its exchanges
-            row = {"sync": _measure(lambda: step(True), repeats)}
+            row = {"sync": _measure(lambda: step(True), repeats, engine.drain)}
             if config.mode.uses_stale or mode == "naive_patch":
                 # The first displaced call of a key also makes the views and indices later ones
                 # reuse: its host waits are counted (they would stall a GPU once per run), its
                 # operators are not the steady state's.
                 with OpCounter() as first:
                     step(False)
-                row["displaced"] = _measure(lambda: step(False), repeats)
+                row["displaced"] = _measure(lambda: step(False), repeats, engine.drain)
                 row["displaced"]["first_call_host_waits"] = dict(first.host_waits)
             engine.close()
             for kind in ("sync", "displaced"):
@@ -149,7 +157,7 @@ def _compiled_row(info, unet, x, t, ctx, kw: dict, mode: str, repeats: int, plai
         engine.forward_band(x, t, ctx, sync=False, **kw)  # compiles
         compile_s = time.perf_counter() - t0
         engine.forward_band(x, t, ctx, sync=False, **kw)
-        n = dispatches(lambda: engine.forward_band(x, t, ctx, sync=False, **kw))
+        n = dispatches(lambda: engine.forward_band(x, t, ctx, sync=False, **kw), engine.drain)
         ms = _host_ms(lambda: engine.forward_band(x, t, ctx, sync=False, **kw), repeats)
         return {"displaced": {"dispatches": n, "dispatches_vs_plain": round(n / plain_dispatches, 2), "ms": ms,
                               "compile_s": round(compile_s, 1), "compiled_graphs": engine.compiled_graphs}}

@@ -368,7 +368,7 @@ def compiled_calls(info, family, kind, height, width, mode="corrected_async_gn",
         for k, i in calls[:2]:  # key "a": synchronous, then displaced (compiled)
             engine(x * (1 - 0.02 * i), t - 10 * i, ctx, key=k, **_fresh(kw))
         xi, ti = x * (1 - 0.02 * 2), t - 10 * 2  # inference tensors, as in every call before
-        launched = dispatched(lambda: engine.forward_band(xi, ti, ctx, key="a", **_fresh(kw)))  # no assembly
+        launched = dispatched(lambda: engine.forward_band(xi, ti, ctx, key="a", **_fresh(kw)), engine.drain)  # no assembly
         engine.close()
         plain_launched = dispatched(lambda: plain(x, t, ctx, **_fresh(kw)))
     return results, launched, plain_launched

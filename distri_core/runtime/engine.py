@@ -291,6 +291,11 @@ class DistriUNet:
         """Memory held for stale activations (all keys)."""
         return sum(s.buffers.nbytes for s in self._keys.values())
 
+    def drain(self) -> None:
+        """Wait for every stale-state gather in flight (all keys); the state is kept."""
+        for s in self._keys.values():
+            s.buffers.drain()
+
     def reset(self) -> None:
         """Forget all stale state (call between sampling runs). Waits for gathers in flight."""
         for s in self._keys.values():

@@ -242,7 +242,10 @@ def compute_seconds(profile: MachineProfile, run: RunShape, ranks: tuple[int, ..
     """Predicted compute of one call: the slowest rank's band on its solo curve (bands sized by
     `shares`; None = as the planner sizes them, `speed_shares`)."""
     shares = speed_shares(profile, run, ranks) if shares is None else shares
-    layout = call_layout(run, ranks, split, light, shares)
+    return _compute_seconds(profile, run, ranks, call_layout(run, ranks, split, light, shares))
+
+
+def _compute_seconds(profile: MachineProfile, run: RunShape, ranks: tuple[int, ...], layout: CallLayout) -> float:
     return max(profile.speeds[ranks[r]].seconds(layout.bands.heights[band] * run.width, run.tokens, c1 - c0)
                for (c0, c1), members in zip(layout.chunks, layout.groups, strict=True)
                for band, r in enumerate(members))
@@ -253,7 +256,7 @@ def call_seconds(profile: MachineProfile, run: RunShape, ranks: tuple[int, ...],
     """Predicted seconds of one model call of `run` on pool `ranks` (bands as `compute_seconds`)."""
     shares = speed_shares(profile, run, ranks) if shares is None else shares
     layout = call_layout(run, ranks, split, light, shares)
-    compute = compute_seconds(profile, run, ranks, split, light, shares)
+    compute = _compute_seconds(profile, run, ranks, layout)
     group = layout.bands.parts
     if len(ranks) == 1:
         return compute * profile.one_scale + profile.one_overhead_s + profile.host_s

@@ -248,19 +248,17 @@ class WorkerPool:
             if not x.is_floating_point():
                 raise PoolError(f"x must be floating point, got {x.dtype}")
             t0 = time.perf_counter()
-            tensors: list[torch.Tensor] = []
-            tree = wire.flatten((x, timesteps, context, kwargs), tensors)
-            refs, end = wire.plan(tensors)
+            packed = wire.pack((x, timesteps, context, kwargs))
             out_c = self.model_info.get("out_channels") or x.shape[1]
-            out_ref = wire.TensorRef(end, (x.shape[0], out_c, x.shape[2], x.shape[3]), x.dtype)
-            size = wire.aligned(end + out_ref.nbytes)
+            out_ref = wire.TensorRef(packed.end, (x.shape[0], out_c, x.shape[2], x.shape[3]), x.dtype)
+            size = wire.aligned(packed.end + out_ref.nbytes)
             fresh_arena = self._arena is None or self._arena.size < size
             if fresh_arena:
                 self._drop_arena()
                 self._arena = SharedArena.create(max(size, int(size * 1.25)), "one UNet call's inputs and output")
-            wire.write(self._arena, refs, tensors)
-            msg = {"op": "call", "arena": self._arena.path, "size": self._arena.size, "refs": refs, "tree": tree,
-                   "out": out_ref, "key": key, "sync": sync}
+            packed.write(self._arena)
+            msg = {"op": "call", "arena": self._arena.path, "size": self._arena.size, "refs": packed.refs,
+                   "tree": packed.tree, "out": out_ref, "key": key, "sync": sync}
             t1 = time.perf_counter()
             replies = self._request(msg, self.call_timeout)
             if fresh_arena:
@@ -290,14 +288,12 @@ class WorkerPool:
         with self._lock:
             if self.state != "ready" or self.model_key is None or self.config is None:
                 raise PoolError("solo() needs a started pool with a model and a configuration")
-            tensors: list[torch.Tensor] = []
-            tree = wire.flatten((x, timesteps, context, kwargs), tensors)
-            refs, end = wire.plan(tensors)
-            arena = SharedArena.create(wire.aligned(end), "one profiling call's inputs")
+            packed = wire.pack((x, timesteps, context, kwargs))
+            arena = SharedArena.create(wire.aligned(packed.end), "one profiling call's inputs")
             try:
-                wire.write(arena, refs, tensors)
-                replies = self._request({"op": "solo", "arena": arena.path, "size": arena.size, "refs": refs,
-                                         "tree": tree}, self.call_timeout)
+                packed.write(arena)
+                replies = self._request({"op": "solo", "arena": arena.path, "size": arena.size, "refs": packed.refs,
+                                         "tree": packed.tree}, self.call_timeout)
             finally:
                 arena.unlink()
             return [r["device_s"] for r in replies]

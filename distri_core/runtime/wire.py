@@ -102,6 +102,28 @@ def plan_shapes(items: list[tuple[tuple[int, ...], torch.dtype]], start: int = 0
     return refs, offset
 
 
+@dataclass
+class Packed:
+    """A nested input laid out for an arena: `tree` (its tensors replaced by slots) travels in
+    the message, the tensors at `refs`; `end` is the first offset after them."""
+
+    tree: Any
+    tensors: list[torch.Tensor]
+    refs: list[TensorRef]
+    end: int
+
+    def write(self, arena: SharedArena) -> None:
+        write(arena, self.refs, self.tensors)
+
+
+def pack(tree: Any) -> Packed:
+    """`tree`'s tensors flattened and planned from offset 0 (what every call message carries)."""
+    tensors: list[torch.Tensor] = []
+    flat = flatten(tree, tensors)
+    refs, end = plan(tensors)
+    return Packed(flat, tensors, refs, end)
+
+
 def write(arena: SharedArena, refs: list[TensorRef], tensors: list[torch.Tensor]) -> None:
     for ref, t in zip(refs, tensors, strict=True):
         arena.view(ref.offset, ref.shape, ref.dtype).copy_(t.detach())

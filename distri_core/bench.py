@@ -12,6 +12,7 @@ single-device result every other run is compared with, and the time speedups div
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ import torch
 from . import zoo
 from .config import Compile, Mode, PatchParallelConfig
 from .runtime.launch import LocalCluster
-from .sampling import ddim_sample, flow_sample
+from .sampling import ddim_sample, euler_sample, flow_sample
 
 log = logging.getLogger("distri_core.bench")
 
@@ -50,10 +51,19 @@ def build_model(name: str, seed: int, dtype: torch.dtype):
         lambda m, x, t, c, **kw: m(x, t, encoder_hidden_states=c, return_dict=False, **kw)[0]
 
 
-def sampler(name: str):
+# The UNets' loops: DDIM (the default, as the paper) or ComfyUI's `euler` with a schedule.
+UNET_SAMPLERS = {"ddim": ddim_sample, "euler": functools.partial(euler_sample, schedule="simple"),
+                 "euler_karras": functools.partial(euler_sample, schedule="karras")}
+
+
+def sampler(name: str, kind: str = "ddim"):
     """The loop a model is run in: flow-matching Euler for the transformers (their timestep is a
-    sigma in [0, 1]), DDIM for the UNets."""
-    return flow_sample if name in TRANSFORMERS else ddim_sample
+    sigma in [0, 1]); for the UNets `kind` (a key of UNET_SAMPLERS), DDIM by default."""
+    if name in TRANSFORMERS:
+        return flow_sample
+    if kind not in UNET_SAMPLERS:
+        raise ValueError(f"sampler={kind!r} is not known; use one of {', '.join(UNET_SAMPLERS)}")
+    return UNET_SAMPLERS[kind]
 
 
 def _inputs(model_name: str, size: int, guidance: float, dtype: torch.dtype, seed: int,
@@ -176,7 +186,7 @@ def _run_pool(n: int, args: argparse.Namespace, mode: str, compile: str = "off")
 
 
 def experiment_setup(info, model_name: str, size: int, steps: int, guidance: float, dtype: str, seed: int,
-                     mode: str) -> dict:
+                     mode: str, sampler_kind: str = "ddim") -> dict:
     """What the experiment modules (resync_bench, extrapolate_bench) start each task with, on every
     rank: the model, the loop's inputs, the plain model's loop on this device (the reference every
     variant is judged against; every rank computes it, so none waits in a collective meanwhile)
@@ -188,7 +198,7 @@ def experiment_setup(info, model_name: str, size: int, steps: int, guidance: flo
     unet, plain = build_model(model_name, seed, torch_dtype)
     unet = unet.to(device)
     x, ctx, extra, batch = _inputs(model_name, size, guidance, torch_dtype, seed, device)
-    loop = sampler(model_name)
+    loop = sampler(model_name, sampler_kind)
     t0 = time.perf_counter()
     with torch.inference_mode():
         ref = loop(_guided(lambda xx, tt: plain(unet, xx, tt, ctx, **extra), batch, guidance, device), x, steps)

@@ -17,15 +17,19 @@ class Mode(str, enum.Enum):
 
     `full_sync` blocks on every exchange and equals the single-device result up to float
     rounding; `naive_patch` never communicates inside the UNet (the quality floor and the speed
-    ceiling). The other four use one-step-stale conv halos and attention K/V after warm-up and
-    differ only in how GroupNorm statistics are formed. `auto` asks `distri_core.planner` to
-    choose per sampling run (devices, CFG split, exact or displaced, warm-up); the engine only
-    runs the concrete modes.
+    ceiling). Four use one-step-stale conv halos and attention K/V after warm-up and differ
+    only in how GroupNorm statistics are formed (`corrected_async_gn`, `sync_gn`, `stale_gn`,
+    `separate_gn`). `corrected_extrapolated` is `corrected_async_gn` whose stale halos and K/V
+    of the other bands are extrapolated from their last two versions along the model's timesteps
+    (no extra traffic, (n-1)/n more stale memory; runtime.extrapolation). `auto` asks
+    `distri_core.planner` to choose per sampling run (devices, CFG split, exact or displaced,
+    warm-up); the engine only runs the concrete modes.
     """
 
     AUTO = "auto"
     FULL_SYNC = "full_sync"
     CORRECTED_ASYNC_GN = "corrected_async_gn"
+    CORRECTED_EXTRAPOLATED = "corrected_extrapolated"
     SYNC_GN = "sync_gn"
     STALE_GN = "stale_gn"
     SEPARATE_GN = "separate_gn"
@@ -39,6 +43,16 @@ class Mode(str, enum.Enum):
     @property
     def communicates(self) -> bool:
         return self is not Mode.NAIVE_PATCH
+
+    @property
+    def gn_rule(self) -> Mode:
+        """The mode whose GroupNorm rule this one uses (itself, but for `corrected_extrapolated`)."""
+        return Mode.CORRECTED_ASYNC_GN if self is Mode.CORRECTED_EXTRAPOLATED else self
+
+    @property
+    def extrapolates(self) -> bool:
+        """Displaced steps read the other bands' halos and K/V extrapolated, not as they were."""
+        return self is Mode.CORRECTED_EXTRAPOLATED
 
     @property
     def concrete(self) -> bool:

@@ -9,7 +9,7 @@ but no traffic, and allows a first-order prediction
 
     X_i ~ X_{i-1} + f * (X_{i-1} - X_{i-2}),   f = (sigma_i - sigma_{i-1}) / (sigma_{i-1} - sigma_{i-2})
 
-clamped to [0, 1] (f = 0 while there is no X_{i-2}). `ExtrapolatingBuffers` (a `StaleBuffers`)
+clamped to [0, 1] (f = 0 while there is no X_{i-2}). `ExperimentBuffers` (a `StaleBuffers`)
 does this for the other ranks' parts only; this rank's part stays the received (own stale) one,
 which the layers replace with the fresh tensor (K/V, halos) or use as the stale reference of the
 GroupNorm correction. X_{i-2} is also recorded on synchronous steps (the warm-up), so the first
@@ -17,7 +17,13 @@ displaced step already extrapolates; synchronous steps themselves are never chan
 
 Variants per loop (all in the same rank processes, `engine.reset()` between them, the buffers class
 swapped on the engine): plain `corrected_async_gn`; `extrapolated` (K/V and conv halos, f);
-`extrapolated_damped` (f / 2); `extrapolated_gn` (f, GroupNorm statistics extrapolated as well).
+`extrapolated_damped` (f / 2); `extrapolated_gn` (f, GroupNorm statistics extrapolated as well);
+`extrapolated_t` (K/V and halos, f computed from the timesteps the model is given instead of the
+sigmas: the rule an engine can apply by itself, from its own calls, with nothing from the
+sampler); `corrected_extrapolated`, the engine's mode that ships that rule (runtime.extrapolation:
+per bucket, f on the device), which should give what `extrapolated_t` gives up to float32
+rounding of f (the engine refuses it on flow models, where it lost: those loops skip it). The UNets run DDIM or ComfyUI's `euler` (`simple` or `karras` schedule), the
+transformers flow-matching Euler.
 A `probe` loop runs every step synchronously and measures, along the exact trajectory, how far the
 stale and the extrapolated versions are from the fresh activations, per kind of exchange (the
 prediction error the displaced steps would start from); the extrapolating variants' own displaced
@@ -37,13 +43,15 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from .bench import TRANSFORMERS, _errors, _guided, experiment_args, experiment_setup, run_experiment_main
+from .bench import TRANSFORMERS, UNET_SAMPLERS, _errors, _guided, experiment_args, experiment_setup, run_experiment_main
+from .config import Mode
 from .runtime.comm import StaleBuffers, _Entry
 from .runtime.launch import LocalCluster
+from .sampling import ddim_timesteps, euler_schedule
 from .schedule import ddim_sigmas, fixed_sync_steps, flow_sigmas
 
 log = logging.getLogger("distri_core.extrapolate_bench")
@@ -54,14 +62,33 @@ VARIANTS: dict[str, tuple[float | None, bool]] = {
     "extrapolated": (1.0, False),
     "extrapolated_damped": (0.5, False),
     "extrapolated_gn": (1.0, True),
+    "extrapolated_t": (1.0, False),
+    Mode.CORRECTED_EXTRAPOLATED.value: (None, False),
 }
+TIMESTEP_VARIANTS = frozenset({"extrapolated_t"})  # the factor from the model's timesteps
+MODE_VARIANTS = frozenset({Mode.CORRECTED_EXTRAPOLATED.value})  # an engine mode, not this module's buffers
 KINDS = ("kv", "halo", "gn")
 
 
 # -- the factor --------------------------------------------------------------------------------
-def loop_sigmas(model_name: str, steps: int) -> list[float]:
-    """The sigma of every step of the bench loop a model runs in (steps + 1 values, the last 0)."""
-    return flow_sigmas(steps) if model_name in TRANSFORMERS else ddim_sigmas(steps)
+def loop_sigmas(model_name: str, steps: int, kind: str = "ddim") -> list[float]:
+    """The sigma of every step of the bench loop a model runs in (steps + 1 values, the last 0);
+    `kind` is the UNets' sampler (bench.UNET_SAMPLERS)."""
+    if model_name in TRANSFORMERS:
+        return flow_sigmas(steps)
+    if kind == "ddim":
+        return ddim_sigmas(steps)
+    return euler_schedule(steps, "karras" if kind == "euler_karras" else "simple")[0]
+
+
+def loop_timesteps(model_name: str, steps: int, kind: str = "ddim") -> list[float]:
+    """The timestep the model is given at every step of that loop, with a final 0 (steps + 1
+    values, as `loop_sigmas`): sigma for the transformers, the training timestep for the UNets."""
+    if model_name in TRANSFORMERS:
+        return flow_sigmas(steps)
+    if kind == "ddim":
+        return [float(t) for t in ddim_timesteps(steps)] + [0.0]
+    return euler_schedule(steps, "karras" if kind == "euler_karras" else "simple")[1] + [0.0]
 
 
 def extrapolation_factors(sigmas: Sequence[float]) -> list[float]:
@@ -84,7 +111,7 @@ class Extrapolation:
     """What the loop tells the buffers: this step's factor (set before each call), a constant
     scale on it (damping), and which exchanges to extrapolate. `kinds` maps a layer's exchange
     name to "kv", "halo" or "gn" (from the engine's installed layers). `probe`, when a dict,
-    collects prediction errors on synchronous steps (see `ExtrapolatingBuffers`)."""
+    collects prediction errors on synchronous steps (see `ExperimentBuffers`)."""
 
     scale: float = 1.0
     include_gn: bool = False
@@ -119,7 +146,7 @@ def layer_kinds(installed) -> dict[str, str]:
 
 
 @dataclass
-class ExtrapolatingBuffers(StaleBuffers):
+class ExperimentBuffers(StaleBuffers):
     """`StaleBuffers` whose displaced reads return the other ranks' parts extrapolated from the
     last two versions received: prev + f * (prev - prev2), f = `control.effective`.
 
@@ -243,17 +270,19 @@ class ExtrapolatingBuffers(StaleBuffers):
 # -- the loops ---------------------------------------------------------------------------------
 def extrapolate_task(info, model_name: str, size: int, steps: int, runs: Sequence[tuple], guidance: float = 1.0,
                      seed: int = 0, dtype: str = "fp32", mode: str = "corrected_async_gn",
-                     probe_displaced: bool = False):
+                     probe_displaced: bool = False, sampler_kind: str = "ddim"):
     """On every rank: the plain model's loop (the one-device reference), then one engine loop per
     run (variant, warmup[, scale override]) in the same process, the engine reset between them;
     variant "probe" runs every step synchronously with the prediction probe; `probe_displaced`
     probes the extrapolating variants' own displaced loops too. Rank 0 returns the reference,
     every run's final latent, seconds, stale and extra bytes, and the probe sums."""
-    e = experiment_setup(info, model_name, size, steps, guidance, dtype, seed, mode)
+    e = experiment_setup(info, model_name, size, steps, guidance, dtype, seed, mode, sampler_kind)
     x, ctx, extra, batch, loop, ref, ref_s, engine, device = (e[k] for k in (
         "x", "ctx", "extra", "batch", "loop", "ref", "ref_s", "engine", "device"))
-    factors = extrapolation_factors(loop_sigmas(model_name, steps))
+    factors = extrapolation_factors(loop_sigmas(model_name, steps, sampler_kind))
+    t_factors = extrapolation_factors(loop_timesteps(model_name, steps, sampler_kind))
     kinds = layer_kinds(engine.installed)
+    base_config = engine.config
     out_runs = []
     try:
         for run in runs:
@@ -264,13 +293,16 @@ def extrapolate_task(info, model_name: str, size: int, steps: int, runs: Sequenc
                 scale = override[0]
             control = None
             engine.reset()
+            engine.config = replace(base_config, mode=variant if variant in MODE_VARIANTS else base_config.mode)
+            if variant in MODE_VARIANTS and engine.adapter.flow:
+                continue  # refused by the engine on flow models (see the module's docstring)
             if scale is None:
                 engine.buffers = StaleBuffers
             else:
                 control = Extrapolation(scale=scale, include_gn=include_gn, kinds=kinds,
                                         probe={} if probe else None,
                                         displaced_probe={} if probe_displaced and not probe else None)
-                engine.buffers = functools.partial(ExtrapolatingBuffers, control=control)
+                engine.buffers = functools.partial(ExperimentBuffers, control=control)
             chosen = frozenset(range(steps)) if probe else frozenset(fixed_sync_steps(steps, warmup))
             step = [0]
 
@@ -279,10 +311,12 @@ def extrapolate_task(info, model_name: str, size: int, steps: int, runs: Sequenc
 
             guided = _guided(unet_call, batch, guidance, device)
 
-            def eps_fn(xt, t, i, guided=guided, step=step, control=control):
+            fs = t_factors if variant in TIMESTEP_VARIANTS else factors
+
+            def eps_fn(xt, t, i, guided=guided, step=step, control=control, fs=fs):
                 step[0] = i
                 if control is not None:
-                    control.factor, control.step = factors[i], i
+                    control.factor, control.step = fs[i], i
                 return guided(xt, t, i)
 
             t0 = time.perf_counter()
@@ -290,32 +324,37 @@ def extrapolate_task(info, model_name: str, size: int, steps: int, runs: Sequenc
                 out = loop(eps_fn, x, steps)
             seconds = time.perf_counter() - t0
             states = list(engine._keys.values())
+            extra_bytes = sum(getattr(s.buffers, "extra_bytes", 0) for s in states)
+            in_stale = variant in MODE_VARIANTS  # the engine's own buffers count their extra bytes as stale
             out_runs.append({
                 "variant": variant, "warmup": warmup, "scale": scale, "seconds": seconds,
                 "latent": out.float().cpu(),
-                "stale_bytes": engine.stale_bytes,
-                "extra_bytes": sum(getattr(s.buffers, "extra_bytes", 0) for s in states),
+                "stale_bytes": engine.stale_bytes - (extra_bytes if in_stale else 0),
+                "extra_bytes": extra_bytes,
                 "probe": control.probe if probe else None,
                 "displaced_probe": control.displaced_probe if control is not None else None,
             })
     finally:
         engine.buffers = StaleBuffers
+        engine.config = base_config
         engine.close()
     if info.rank != 0:
         return None
-    return {"reference": ref.float().cpu(), "runs": out_runs, "reference_s": ref_s, "factors": factors}
+    return {"reference": ref.float().cpu(), "runs": out_runs, "reference_s": ref_s, "factors": factors,
+            "timestep_factors": t_factors}
 
 
 def run_loops(model_name: str, size: int, steps: int, runs: Sequence[tuple], *, ranks: int = 2,
               guidance: float = 1.0, seed: int = 0, threads: int = 1, timeout: float = 3600.0,
-              probe_displaced: bool = False, cluster: LocalCluster | None = None) -> dict:
+              probe_displaced: bool = False, cluster: LocalCluster | None = None, sampler_kind: str = "ddim") -> dict:
     """`extrapolate_task` on `ranks` local CPU ranks; adds every run's errors against one device."""
     if cluster is None:
         with LocalCluster(ranks, threads=threads) as own:
             return run_loops(model_name, size, steps, runs, ranks=ranks, guidance=guidance, seed=seed,
-                             threads=threads, timeout=timeout, probe_displaced=probe_displaced, cluster=own)
+                             threads=threads, timeout=timeout, probe_displaced=probe_displaced, cluster=own,
+                             sampler_kind=sampler_kind)
     r0 = cluster.run(extrapolate_task, model_name, size, steps, [tuple(r) for r in runs], guidance, seed,
-                     probe_displaced=probe_displaced, timeout=timeout)[0]
+                     probe_displaced=probe_displaced, sampler_kind=sampler_kind, timeout=timeout)[0]
     for r in r0["runs"]:
         r["errors"] = _errors(r["latent"], r0["reference"])
     return r0
@@ -345,10 +384,11 @@ def run_experiment(loops: Sequence[tuple], *, variants: Sequence[str] = tuple(VA
     results = []
     runs = [(v, warmup) for v in variants] + ([("probe", warmup)] if probe else [])
     with LocalCluster(ranks, threads=threads) as cluster:
-        for model_name, size, steps in loops:
+        for model_name, size, steps, *rest in loops:
+            kind = rest[0] if rest else "ddim"
             t0 = time.perf_counter()
             run = run_loops(model_name, size, steps, runs, ranks=ranks, seed=seed, timeout=timeout,
-                            probe_displaced=probe, cluster=cluster)
+                            probe_displaced=probe, cluster=cluster, sampler_kind=kind)
             wall = time.perf_counter() - t0
             ref_scale = float(run["reference"].abs().mean())
             rows, probe_out = [], None
@@ -368,11 +408,12 @@ def run_experiment(loops: Sequence[tuple], *, variants: Sequence[str] = tuple(VA
             for r in rows:
                 r["vs_plain"] = r["mean_abs_err"] / base if base else None
             entry = {"model": model_name, "size": size, "latent": size // 8, "steps": steps,
-                     "sampler": "flow_euler" if model_name in TRANSFORMERS else "ddim", "warmup": warmup,
+                     "sampler": "flow_euler" if model_name in TRANSFORMERS else kind, "warmup": warmup,
                      "factors": [round(f, 4) for f in run["factors"]],
+                     "timestep_factors": [round(f, 4) for f in run["timestep_factors"]],
                      "reference_mean_abs": ref_scale, "reference_s": round(run["reference_s"], 2),
                      "wall_s": round(wall, 1), "results": rows, "probe": probe_out}
-            log.info("%s %d px, %d steps: %.1f s", model_name, size, steps, wall)
+            log.info("%s %d px, %d steps %s: %.1f s", model_name, size, steps, entry["sampler"], wall)
             for r in rows:
                 log.info("  %-20s mean %.4g (%.3fx) max %.4g extra %d B %s", r["variant"], r["mean_abs_err"],
                          r["vs_plain"] or float("nan"), r["max_abs_err"], r["extra_bytes"], r["displaced_probe"] or "")
@@ -387,20 +428,26 @@ def run_experiment(loops: Sequence[tuple], *, variants: Sequence[str] = tuple(VA
 
 
 def _parse_loops(text: str) -> list[tuple]:
+    """model:size_px:steps[:sampler] items, comma-separated (sampler: a UNet's, DDIM by default)."""
     loops = []
     for item in text.split(","):
-        model, size, steps = item.split(":")
-        loops.append((model, int(size), int(steps)))
+        model, size, steps, *kind = item.split(":")
+        kind = kind[0] if kind else "ddim"
+        if kind not in UNET_SAMPLERS:
+            raise ValueError(f"loop {item!r}: sampler {kind!r} is not known; use one of {', '.join(UNET_SAMPLERS)}")
+        loops.append((model, int(size), int(steps), kind))
     return loops
 
 
-DEFAULT_LOOPS = "tiny:512:20,tiny:512:50,flux-tiny:512:20,sd15:128:20"
+DEFAULT_LOOPS = ("tiny:512:20,tiny:512:50,tiny:512:20:euler,tiny:512:50:euler,tiny:512:20:euler_karras,"
+                 "flux-tiny:512:20,flux-tiny:512:50,sd15:128:20,sd15:128:20:euler")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m distri_core.extrapolate_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--loops", default=DEFAULT_LOOPS,
-                   help="comma list of model:size_px:steps (UNets run DDIM, flux-* flow-matching Euler)")
+                   help="comma list of model:size_px:steps[:sampler] (UNets: ddim (default), euler or "
+                        "euler_karras; flux-* always run flow-matching Euler)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--no-probe", action="store_true", help="skip the all-synchronous prediction probe loop")

@@ -45,6 +45,9 @@ class PatchParallelConfigNode(io.ComfyNode):
                                tooltip="auto: per run, the fastest layout measured on this machine that keeps the "
                                        "image faithful (exact below 11 steps; never slower than one GPU). "
                                        "full_sync: exact. corrected_async_gn: DistriFusion default. "
+                                       "corrected_extrapolated: corrected_async_gn with the other GPUs' stale "
+                                       "activations extrapolated along the timesteps (SD1.5/SDXL, 20+ steps: "
+                                       "closer to one GPU, 2x the stale memory; refused on Flux). "
                                        "sync_gn/stale_gn/separate_gn: other GroupNorm variants. naive_patch: no "
                                        "communication (visible seams; a speed reference only)."),
                 io.Int.Input("warmup_steps", default=4, min=0, max=1000,

@@ -96,12 +96,16 @@ def test_controlnet_residuals_are_split_per_band(env, sd15):
     assert rel_err(out, plain) > 1e-3  # the ControlNet did change the result
 
 
-def test_corrected_async_gn_stays_close(env, sd15):
+def test_displaced_modes_stay_close(env, sd15):
+    # corrected_extrapolated through the nodes and the pool: the workers extrapolate along the
+    # timesteps ComfyUI's euler hands the UNet (nothing else tells them the schedule).
     errs = {}
-    for mode in ("corrected_async_gn", "naive_patch"):
+    for mode in ("corrected_async_gn", "corrected_extrapolated", "naive_patch"):
         out, ref = run_pair(env, sd15, settings(env, mode=mode), steps=12, sampler="euler", scheduler="normal")
         errs[mode] = float((out - ref).abs().mean() / ref.abs().mean())
     assert errs["corrected_async_gn"] < errs["naive_patch"] / 3, errs
+    assert errs["corrected_extrapolated"] < errs["naive_patch"] / 3, errs
+    assert errs["corrected_extrapolated"] != errs["corrected_async_gn"], errs
 
 
 def test_distri_model_drives_sampler_custom_advanced(env, sd15):

@@ -38,3 +38,42 @@ def test_variant_sync_equals_one_device_and_factor_zero_equals_plain():
     assert plain["extra_bytes"] == 0 and 0 < extra["extra_bytes"] < extra_gn["extra_bytes"]
     assert extra["extra_bytes"] <= extra["stale_bytes"] // 2  # the other rank's half, K/V and halos only
     assert extra["latent"].shape == run["reference"].shape and run["factors"][:2] == [0.0, 0.0]
+
+
+def test_the_engines_mode_is_the_experiments_timestep_rule():
+    # corrected_extrapolated (runtime.extrapolation: per bucket, two storages taking turns, f on the
+    # device) against the experiment's own per-exchange buffers with the same rule (f from the
+    # timesteps, in Python floats): two implementations, one result, on DDIM (f = 1 after two
+    # calls) and on ComfyUI's euler (simple schedule, the same: its timesteps are evenly spaced too).
+    steps = 6
+    runs = [("corrected_async_gn", 1), ("extrapolated_t", 1), ("corrected_extrapolated", 1)]
+    for kind in ("ddim", "euler"):
+        run = eb.run_loops("micro", 128, steps, runs, ranks=2, timeout=120, sampler_kind=kind)
+        plain, experiment, mode = run["runs"]
+        scale = float(run["reference"].abs().max())
+        assert float((mode["latent"] - experiment["latent"]).abs().max()) < 1e-5 * scale, kind
+        assert not torch.equal(mode["latent"], plain["latent"])  # whether it helps is the benchmark's question
+        # The second storages: the extrapolated exchanges' buckets once more (all ranks' rows).
+        assert experiment["extra_bytes"] < mode["extra_bytes"] <= mode["stale_bytes"], (experiment, mode)
+        assert mode["stale_bytes"] == plain["stale_bytes"]
+
+
+def test_the_factor_follows_the_timesteps_on_the_device():
+    from distri_core.opcount import OpCounter
+    from distri_core.runtime.extrapolation import ExtrapolatingBuffers
+    from distri_core.runtime.stats import CommStats
+
+    buffers = ExtrapolatingBuffers(None, 0, 2, None, True, CommStats())
+    timesteps = [torch.tensor([t, t]) for t in (999.0, 949.0, 899.0, 874.0, 874.0, 800.0, 900.0)]
+    factors = []
+    with OpCounter() as counter:
+        for t in timesteps:
+            buffers.observe(t)
+            factors.append(buffers.factor)
+    seen = [float(f) for f in factors]
+    # 0 until two earlier calls; then (t - t1) / (t1 - t2) clamped to [0, 1]: 1, 0.5, 0 (no step),
+    # 0 (t1 == t2), and 0 where the timesteps turn back.
+    assert seen == [0.0, 0.0, 1.0, 0.5, 0.0, 0.0, 0.0], seen
+    assert counter.host_waits == {}, counter.host_waits  # nothing read back, nothing copied from the host
+    buffers.observe(3)  # a number: the same, on the timesteps' device
+    assert buffers.factor.dim() == 0 and buffers.factor.dtype == torch.float32

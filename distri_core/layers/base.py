@@ -134,6 +134,10 @@ class DistriLayer:
     """Base of the distributed layers: owns the wrapped module, its exchange name and the
     sync / stale logic every layer needs."""
 
+    # Its stale exchange holds activations, which `corrected_extrapolated` may predict from their
+    # last two versions (runtime.extrapolation); GroupNorm's statistics may not.
+    extrapolate = True
+
     def __init__(self, module: torch.nn.Module, host: LayerHost, name: str):
         self.module = module
         self.host = host

@@ -64,10 +64,11 @@ class DistriGroupNorm(DistriLayer):
     distributed conv that follows through SiLU (set by the surgery), whose halo it can carry."""
 
     feeds = None
+    extrapolate = False  # its statistics are corrected by this band's drift instead
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         ctx = self.ctx
-        mode = ctx.mode if ctx is not None else None
+        mode = ctx.mode.gn_rule if ctx is not None else None
         if ctx is None or not mode.communicates or (mode is Mode.SEPARATE_GN and not ctx.sync):
             return self.original(x, *args, **kwargs)  # this band's statistics alone
         mean_l, var_l, second_l = band_stats(x, self.module.num_groups)
@@ -107,7 +108,7 @@ class DistriGroupNorm(DistriLayer):
         squares, moved by this band's change since then; a negative variance estimate falls back
         to this band's own) or `stale_gn` (the other bands' last-step statistics with this band's
         fresh ones). Both are one weighted sum of every band's stale moments."""
-        corrected = ctx.mode is Mode.CORRECTED_ASYNC_GN
+        corrected = ctx.mode.gn_rule is Mode.CORRECTED_ASYNC_GN
         views, _ = self.exchange(ctx, ((*mean_l.shape, 2), mean_l.dtype))
         memo = self.memo(views)
         cached = memo.get("weights") if memo is not None else None
@@ -163,7 +164,7 @@ class DistriGroupNorm(DistriLayer):
         views = ctx.exchanger.gather(self.name + "+halo", payload, None, keep=False)
         n = fresh.numel()
         ctx.exchanger.provide(self.name, torch.stack([v[:n] for v in views]), tuple(fresh.shape))
-        keep = ctx.mode in (Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN)
+        keep = ctx.mode.gn_rule in (Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN)
         mean_g, var_g = combine_stats(ctx.exchanger.gather(self.name, fresh, None, keep=keep), ctx.band_weights)
         # Image-wide normalization as a per-(batch, channel) affine, then SiLU, on every band's rows.
         b, c = x.shape[:2]
@@ -185,6 +186,6 @@ class DistriGroupNorm(DistriLayer):
 
     def _global(self, ctx: CallContext, mean: torch.Tensor, var: torch.Tensor):
         """Synchronous statistics (every sync step; every step of `sync_gn`)."""
-        keep = ctx.mode in (Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN)  # the only modes that read them stale
+        keep = ctx.mode.gn_rule in (Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN)  # the only modes that read them stale
         views = ctx.exchanger.gather(self.name, torch.stack([mean, var], dim=-1), None, keep=keep)
         return combine_stats(views, ctx.band_weights)

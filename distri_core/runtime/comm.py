@@ -146,7 +146,7 @@ class StaleBuffers:
     flat: list[torch.Tensor] = field(default_factory=list)  # one storage per bucket
     peak_bytes: int = 0  # most memory held at once for stale state (kept copies + buckets)
     _seen: dict[str, int] = field(default_factory=dict)
-    _open: dict[torch.dtype, list[_Entry]] = field(default_factory=dict)  # kept, not yet in a bucket
+    _open: dict[object, list[_Entry]] = field(default_factory=dict)  # kept, not yet in a bucket (by bucket key)
     _kept_bytes: int = 0
     _provided: dict[str, tuple[torch.Tensor, tuple[int, ...]]] = field(default_factory=dict)
 
@@ -167,8 +167,8 @@ class StaleBuffers:
             if b.published and not b.launched:
                 self._launch(b)
         if self.phase is Phase.REGISTER:
-            for dtype in list(self._open):
-                self._close(dtype)
+            for key in list(self._open):
+                self._close(key)
             self.phase = Phase.READY
 
     def _unique(self, name: str) -> str:
@@ -272,15 +272,21 @@ class StaleBuffers:
         entry.kept = rows
         self._kept_bytes += rows.numel() * rows.element_size()
         self.peak_bytes = max(self.peak_bytes, self.nbytes + self._kept_bytes)
-        group = self._open.setdefault(entry.dtype, [])
+        key = self.bucket_key(entry)
+        group = self._open.setdefault(key, [])
         group.append(entry)
         if sum(e.slot for e in group) * rows.element_size() >= self.bucket_bytes:
-            self._close(entry.dtype)
+            self._close(key)
 
-    def _close(self, dtype: torch.dtype) -> None:
-        """Allocate the bucket of the kept exchanges of `dtype` at its final size, move them in,
+    def bucket_key(self, entry: _Entry) -> object:
+        """Exchanges share a bucket when they have the same key: their dtype."""
+        return entry.dtype
+
+    def _close(self, key: object) -> None:
+        """Allocate the bucket of the kept exchanges of one key at its final size, move them in,
         and free the kept copies."""
-        group = self._open.pop(dtype)
+        group = self._open.pop(key)
+        dtype = group[0].dtype
         width = sum(e.slot for e in group)
         storage = torch.empty(self.world * width, dtype=dtype, device=group[0].kept.device)
         rows = storage.view(self.world, width)

@@ -16,6 +16,7 @@ from ..layout import CallLayout, make_layout
 from ..surgery.adapters import adapter_for, chunk_batch
 from ..surgery.walk import install_layers
 from .comm import StaleBuffers, all_gather_rows, compiled_exchanges, run_eagerly
+from .extrapolation import ExtrapolatingBuffers
 from .groups import ParallelGroups, single
 from .stats import CommStats
 
@@ -99,6 +100,11 @@ class DistriUNet:
         self.config = config
         self.groups = groups
         self.adapter = adapter_for(model)
+        if config.mode.extrapolates and self.adapter.flow:
+            raise ValueError(
+                f"mode={config.mode.value} does not suit {type(model).__name__}, a flow-matching model: there the "
+                "extrapolated K/V were 9-35% further from one device than corrected_async_gn's "
+                "(docs/bench/extrapolate.md); use mode='corrected_async_gn'")
         self.host = LayerHost(weights)
         self.installed = install_layers(model, self.host, self.adapter.input_conv(model),
                                         self.adapter.attention_namespace(model))
@@ -188,6 +194,8 @@ class DistriUNet:
         self.host.call = CallContext(mode, is_sync, call.band, call.layout.bands, state.buffers, comm_dtype,
                                      call.input_halo, state.band_weights, self.adapter.prefix_tokens(call.context),
                                      write_in_place=self.write_in_place)
+        if self.config.mode.extrapolates and isinstance(state.buffers, ExtrapolatingBuffers):
+            state.buffers.observe(call.timesteps)
         state.buffers.begin_call()
         forward = self._forward
         if self.config.compile is not Compile.OFF and not is_sync and self.groups.size > 1:
@@ -281,8 +289,13 @@ class DistriUNet:
                 group = self.groups.group
             else:
                 group = self.groups.halves[call.group]
-            buffers = self.buffers(group, call.band, call.layout.bands.parts, call.layout.bands,
-                                   self.config.mode.uses_stale, self.stats, self.bucket_bytes)
+            args = (group, call.band, call.layout.bands.parts, call.layout.bands, self.config.mode.uses_stale,
+                    self.stats, self.bucket_bytes)
+            if self.config.mode.extrapolates and self.buffers is StaleBuffers:
+                buffers = ExtrapolatingBuffers(*args, extrapolated=frozenset(
+                    layer.name for layer in self.installed.layers if layer.extrapolate))
+            else:
+                buffers = self.buffers(*args)
             state = self._keys[call.key] = _KeyState(buffers)
         return state
 

@@ -54,6 +54,7 @@ class UNetAdapter:
     """Calls one UNet family on a chunk/band. `spatial` names inputs holding per-level residuals."""
 
     family = "unet"
+    flow = False  # a flow-matching model (its input moves most at the end of the schedule)
     spatial: tuple[str, ...] = ()
     refused: tuple[str, ...] = ()
 
@@ -198,6 +199,7 @@ class ComfyFluxAdapter(UNetAdapter):
     its true position; ControlNet residuals (token sequences) are cut to the band's tokens."""
 
     family = "comfy-flux"
+    flow = True
     refused = ("ref_latents", "attention_mask")
 
     @classmethod

@@ -44,6 +44,9 @@ def test_pool_run_checks_exactness_a_killed_worker_and_the_next_run():
     bf16 = result["dtypes"]["bf16"]
     assert bf16["rounding_of_dtype"] > 0 and bf16["max_abs_diff"] <= 2 * bf16["rounding_of_dtype"]
     assert result["kill"]["detected"] and result["kill"]["pool_state_after"] == "broken"
+    # Displaced steps of an unchanged input, in both displaced modes, through the pool: exact.
+    assert sorted(result["displaced"]) == ["corrected_async_gn", "corrected_extrapolated"], result["displaced"]
+    assert all(len(calls) == 4 and all(c["exact"] for c in calls) for calls in result["displaced"].values())
 
 
 def test_band_ceiling_rows_and_report():

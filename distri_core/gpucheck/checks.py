@@ -98,6 +98,8 @@ def pool_run(devices: list[str], *, backend: str | None = None, share_devices: b
             result["dtypes"][name] = {"load_s": round(load_s, 2), "call_s": calls, **_compare(out, ref, ref32),
                                       "bytes_per_call": pool.last_call["bytes_sent"]}
             del reference
+            if "displaced" not in result:
+                result["displaced"] = _displaced_modes(pool, (low[0], t, low[1]), lextra, ref, ref32)
             if kill:
                 result["kill"] = _kill_mid_run(pool, (low[0], t, low[1]), lextra)
                 pool.load_model((model, name), spec, _weights(zoo.build_builtin(model, seed=0, dtype=dtype,
@@ -109,10 +111,29 @@ def pool_run(devices: list[str], *, backend: str | None = None, share_devices: b
     finally:
         pool.close()
     ok = all(d["exact"] for d in result["dtypes"].values())
+    ok = ok and all(c["exact"] for calls in result.get("displaced", {}).values() for c in calls)
     if "kill" in result:
         ok = ok and result["kill"]["detected"] and result["kill"]["next_run"]["exact"]
     result["status"] = "pass" if ok else "fail"
     return result
+
+
+def _displaced_modes(pool: WorkerPool, args, extra, ref: torch.Tensor, ref32: torch.Tensor) -> dict:
+    """Displaced steps of an unchanged input equal one device (the stale activations are this
+    step's): corrected_async_gn and corrected_extrapolated over the pool's backend, four calls
+    each (one exact, three displaced: the extrapolating storages take turns on the device, and
+    the factor is computed there). The pool is left in full_sync, as it was."""
+    out = {}
+    config = pool.config
+    try:
+        for mode in ("corrected_async_gn", "corrected_extrapolated"):
+            pool.end_run()
+            pool.configure(PatchParallelConfig(world_size=pool.world, mode=mode, warmup_steps=0, cfg_split=False))
+            out[mode] = [_compare(pool(*args, **extra), ref, ref32) for _ in range(4)]
+    finally:
+        pool.end_run()
+        pool.configure(config)
+    return out
 
 
 def _kill_mid_run(pool: WorkerPool, args, extra) -> dict:

@@ -49,6 +49,10 @@ def _notes(name: str, sec: dict) -> str:
         parts = [f"{len(sec.get('devices', []))} rank(s), {sec.get('backend')}, start {sec.get('start_s')} s"]
         for dtype, d in sec.get("dtypes", {}).items():
             parts.append(f"{dtype}: max diff {d['max_abs_diff']:.3g} (dtype rounding {d['rounding_of_dtype']:.3g})")
+        for mode, calls in sec.get("displaced", {}).items():
+            worst = max(c["max_abs_diff"] for c in calls)
+            parts.append(f"{mode} displaced, unchanged input: {'exact' if all(c['exact'] for c in calls) else 'WRONG'} "
+                         f"(max diff {worst:.3g})")
         if "kill" in sec:
             k = sec["kill"]
             parts.append(f"killed worker seen in {k.get('seconds_to_error')} s, next run "

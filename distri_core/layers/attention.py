@@ -62,13 +62,7 @@ class DistriKV(DistriLayer):
         """Displaced step with views that stay put: this band's K and V are written straight into
         its own slot (which is what gets sent), and the image's K and V are one cat each of every
         band's slot: two copies and two cats, where stacking, casting and publishing took more."""
-        memo = self.memo(views)
-        parts = memo.get("kv") if memo is not None else None
-        if parts is None:
-            parts = ([t[0] for t in views], [t[1] for t in views])
-            if memo is not None:
-                memo["kv"] = parts
-        ks, vs = parts
+        ks, vs = self.memoized(views, "kv", lambda: ([t[0] for t in views], [t[1] for t in views]))
         ks[ctx.rank].copy_(k)
         vs[ctx.rank].copy_(v)
         full_k, full_v = torch.cat(ks, dim=1), torch.cat(vs, dim=1)

@@ -173,6 +173,17 @@ class DistriLayer:
         memo = getattr(views, "memo", None)
         return None if memo is None or torch.compiler.is_compiling() else memo
 
+    def memoized(self, views: list[torch.Tensor], key: str, make: Callable[[], object], keep: bool = True):
+        """`make()`, kept in the views' `memo` under `key` (when there is one, and `keep`) and
+        found there in later calls: for what a layer derives from stale views that do not move."""
+        memo = self.memo(views)
+        found = memo.get(key) if memo is not None else None
+        if found is None:
+            found = make()
+            if memo is not None and keep:
+                memo[key] = found
+        return found
+
     @staticmethod
     def in_place(ctx: CallContext, views: list[torch.Tensor]) -> bool:
         """The stale views stay put (see `Exchanger.stale`): this call's tensor may be written into

@@ -154,16 +154,11 @@ class DistriConv2d(DistriLayer):
 
     def _neighbours(self, ctx: CallContext, views: list[torch.Tensor], x: torch.Tensor):
         """The halo rows above and below this band, in x's dtype, from every band's slot."""
-        memo = self.memo(views)  # one per exchange, whose shapes are fixed: one entry
-        found = memo.get("halo") if memo is not None else None
-        if found is None:
-            heights = [ctx.bands.scaled(j, x.shape[2], ctx.rank) for j in range(ctx.bands.parts)]
-            found = assemble_halo(views, heights, ctx.rank, self.halo)
-            if memo is not None and min(heights) >= self.halo:
-                # Each side is one view of a neighbour's slot (or zeros past the image edge), not
-                # a copy, so it stays right from call to call.
-                memo["halo"] = found
-        above, below = found
+        heights = [ctx.bands.scaled(j, x.shape[2], ctx.rank) for j in range(ctx.bands.parts)]
+        # Kept (one entry per exchange, whose shapes are fixed) where each side is one view of a
+        # neighbour's slot (or zeros past the image edge), not a copy: it stays right from call to call.
+        above, below = self.memoized(views, "halo", lambda: assemble_halo(views, heights, ctx.rank, self.halo),
+                                     keep=min(heights) >= self.halo)
         if above.dtype != x.dtype:
             above, below = above.to(x.dtype), below.to(x.dtype)
         return above, below

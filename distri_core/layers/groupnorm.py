@@ -110,9 +110,8 @@ class DistriGroupNorm(DistriLayer):
         fresh ones). Both are one weighted sum of every band's stale moments."""
         corrected = ctx.mode.gn_rule is Mode.CORRECTED_ASYNC_GN
         views, _ = self.exchange(ctx, ((*mean_l.shape, 2), mean_l.dtype))
-        memo = self.memo(views)
-        cached = memo.get("weights") if memo is not None else None
-        if cached is None:
+
+        def make_weights():
             # corrected: w - e_rank (this band's stale moments are taken out, its fresh ones put
             # in whole); stale: w with this band's own left out, its fresh moments weighted by w_rank.
             weights = ctx.band_weights.clone()
@@ -121,10 +120,9 @@ class DistriGroupNorm(DistriLayer):
                 weights[ctx.rank].sub_(1)
             else:
                 weights[ctx.rank].zero_()
-            cached = (weights.view(-1, 1, 1, 1), own)
-            if memo is not None:
-                memo["weights"] = cached
-        weights, own = cached
+            return weights.view(-1, 1, 1, 1), own
+
+        weights, own = self.memoized(views, "weights", make_weights)
         moments = torch.stack(list(views))  # [P, B, G, 2]: (mean, variance) ... (a plain list: traceable)
         means, second = moments.unbind(-1)
         second.addcmul_(means, means)  # ... -> (mean, mean of squares)

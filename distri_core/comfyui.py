@@ -37,6 +37,25 @@ def find_comfyui() -> Path | None:
     return None
 
 
+def hang_report(pid: int) -> str:
+    """What a process that did not stop is doing (Linux /proc): its signal masks (is SIGINT
+    ignored, blocked, caught?) and each thread's name, state and kernel wait channel."""
+    lines = []
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            lines += [line.rstrip() for line in f if line.startswith(("State", "Threads", "SigBlk", "SigIgn", "SigCgt"))]
+        for task in sorted(Path(f"/proc/{pid}/task").iterdir(), key=lambda p: int(p.name)):
+            try:
+                name = (task / "comm").read_text().strip()
+                state = (task / "stat").read_text().rsplit(")", 1)[-1].split()[0]
+                lines.append(f"thread {task.name} {name}: {state} {(task / 'wchan').read_text().strip()}")
+            except OSError:
+                continue
+    except OSError as e:
+        lines.append(f"no report: {e}")
+    return "\n".join(lines)
+
+
 class ComfyServer:
     """`python main.py` of `comfy_root` on a free loopback port, with `base` as its base
     directory (models, input, output) and this pack linked into base/custom_nodes."""
@@ -57,6 +76,7 @@ class ComfyServer:
         env = dict(os.environ, DO_NOT_TRACK="1", COMFY_NO_UPDATE_CHECK="1")
         self.proc = subprocess.Popen(cmd, cwd=comfy_root, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self.client_id = uuid.uuid4().hex
+        self.stopped_by: str | None = None  # set by stop(): SIGINT, SIGABRT or SIGKILL
 
     def wait_ready(self, timeout: float = 180.0) -> dict:
         deadline = time.monotonic() + timeout
@@ -109,14 +129,28 @@ class ComfyServer:
                 out.append(self.base / img.get("type", "output") / img.get("subfolder", "") / img["filename"])
         return out
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ctrl-C (SIGINT), as a user stops ComfyUI; a server still running after `timeout` seconds
+        gets a report of why into its log (`hang_report`), then SIGABRT (ComfyUI's faulthandler
+        writes the Python stack there too), then SIGKILL. `self.stopped_by` says which stopped it."""
         if self._log.closed:
             return
-        if self.proc.poll() is None:
+        if self.proc.poll() is not None:
+            self.stopped_by = f"nothing: it had exited with {self.proc.returncode}"
+        else:
             self.proc.send_signal(signal.SIGINT)
             try:
-                self.proc.wait(30)
+                self.proc.wait(timeout)
+                self.stopped_by = "SIGINT"
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+                self._log.write(f"\n--- not stopped {timeout:.0f} s after SIGINT ---\n{hang_report(self.proc.pid)}\n")
+                self._log.flush()
+                self.proc.send_signal(signal.SIGABRT)
+                try:
+                    self.proc.wait(5)
+                    self.stopped_by = "SIGABRT"
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(10)
+                    self.stopped_by = "SIGKILL"
         self._log.close()

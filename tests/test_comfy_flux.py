@@ -82,3 +82,7 @@ def test_reference_latents_and_attention_patches_are_refused_by_name(env, flux):
     patched.set_model_attn1_patch(lambda q, k, v, **kw: {"q": q, "k": k, "v": v})
     with pytest.raises(UnsupportedInputError, match="attn1_patch"):
         env.Model.execute(patched, settings(env))
+    # The extrapolating mode lost on the flow-matching DiT (docs/bench/extrapolate.md): refused
+    # before any worker starts, with the mode to use instead.
+    with pytest.raises(UnsupportedInputError, match="corrected_extrapolated does not suit Flux.*corrected_async_gn"):
+        env.Model.execute(flux, settings(env, mode="corrected_extrapolated"))

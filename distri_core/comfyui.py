@@ -37,6 +37,14 @@ def find_comfyui() -> Path | None:
     return None
 
 
+# `python main.py`, with Ctrl-C working. Python raises KeyboardInterrupt on SIGINT only where SIGINT
+# was not ignored when it started, and a job that a non-interactive shell starts in the background
+# (CI, `nohup ... &`) inherits SIGINT ignored: ComfyUI then ignored Ctrl-C and stop() had to kill it
+# (the 31 s teardown of full test runs; its hang report showed SigIgn with SIGHUP, SIGINT, SIGQUIT).
+_LAUNCH = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+           "sys.argv = sys.argv[1:]; runpy.run_path('main.py', run_name='__main__')")
+
+
 def hang_report(pid: int) -> str:
     """What a process that did not stop is doing (Linux /proc): its signal masks (is SIGINT
     ignored, blocked, caught?) and each thread's name, state and kernel wait channel."""
@@ -70,7 +78,7 @@ class ComfyServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.base / f"server-{self.port}.log"
         self._log = open(self.log_path, "w")
-        cmd = [sys.executable, "main.py", *(["--cpu"] if cpu else []), "--listen", "127.0.0.1", "--port",
+        cmd = [sys.executable, "-c", _LAUNCH, "main.py", *(["--cpu"] if cpu else []), "--listen", "127.0.0.1", "--port",
                str(self.port), "--base-directory", str(self.base), "--disable-auto-launch", "--database-url",
                "sqlite:///:memory:", *extra_args]
         env = dict(os.environ, DO_NOT_TRACK="1", COMFY_NO_UPDATE_CHECK="1")

@@ -43,11 +43,11 @@ def test_variant_sync_equals_one_device_and_factor_zero_equals_plain():
 def test_the_engines_mode_is_the_experiments_timestep_rule():
     # corrected_extrapolated (runtime.extrapolation: per bucket, two storages taking turns, f on the
     # device) against the experiment's own per-exchange buffers with the same rule (f from the
-    # timesteps, in Python floats): two implementations, one result, on DDIM (f = 1 after two
-    # calls) and on ComfyUI's euler (simple schedule, the same: its timesteps are evenly spaced too).
+    # timesteps, in Python floats): two implementations, one result, on ComfyUI's euler (simple
+    # schedule: f = 1 after two calls). The benchmark's JSON shows the same on DDIM and karras.
     steps = 6
     runs = [("corrected_async_gn", 1), ("extrapolated_t", 1), ("corrected_extrapolated", 1)]
-    for kind in ("ddim", "euler"):
+    for kind in ("euler",):
         run = eb.run_loops("micro", 128, steps, runs, ranks=2, timeout=120, sampler_kind=kind)
         plain, experiment, mode = run["runs"]
         scale = float(run["reference"].abs().max())

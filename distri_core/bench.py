@@ -27,7 +27,7 @@ import torch
 from . import zoo
 from .config import Compile, Mode, PatchParallelConfig
 from .runtime.launch import LocalCluster
-from .sampling import ddim_sample, euler_sample, flow_sample
+from .sampling import EULER_SCHEDULES, ddim_sample, euler_sample, flow_sample
 
 log = logging.getLogger("distri_core.bench")
 
@@ -52,8 +52,8 @@ def build_model(name: str, seed: int, dtype: torch.dtype):
 
 
 # The UNets' loops: DDIM (the default, as the paper) or ComfyUI's `euler` with a schedule.
-UNET_SAMPLERS = {"ddim": ddim_sample, "euler": functools.partial(euler_sample, schedule="simple"),
-                 "euler_karras": functools.partial(euler_sample, schedule="karras")}
+UNET_SAMPLERS = {"ddim": ddim_sample, **{name: functools.partial(euler_sample, schedule=schedule)
+                                         for name, schedule in EULER_SCHEDULES.items()}}
 
 
 def sampler(name: str, kind: str = "ddim"):

@@ -21,7 +21,7 @@ class Mode(str, enum.Enum):
     only in how GroupNorm statistics are formed (`corrected_async_gn`, `sync_gn`, `stale_gn`,
     `separate_gn`). `corrected_extrapolated` is `corrected_async_gn` whose stale halos and K/V
     of the other bands are extrapolated from their last two versions along the model's timesteps
-    (no extra traffic, (n-1)/n more stale memory; runtime.extrapolation). `auto` asks
+    (no extra traffic, about twice the stale memory; runtime.extrapolation). `auto` asks
     `distri_core.planner` to choose per sampling run (devices, CFG split, exact or displaced,
     warm-up); the engine only runs the concrete modes.
     """

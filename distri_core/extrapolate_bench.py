@@ -22,8 +22,9 @@ swapped on the engine): plain `corrected_async_gn`; `extrapolated` (K/V and conv
 sigmas: the rule an engine can apply by itself, from its own calls, with nothing from the
 sampler); `corrected_extrapolated`, the engine's mode that ships that rule (runtime.extrapolation:
 per bucket, f on the device), which should give what `extrapolated_t` gives up to float32
-rounding of f (the engine refuses it on flow models, where it lost: those loops skip it). The UNets run DDIM or ComfyUI's `euler` (`simple` or `karras` schedule), the
-transformers flow-matching Euler.
+rounding of f (the engine refuses it on flow models, where it lost: those loops skip it). The
+UNets run DDIM or ComfyUI's `euler` (`simple` or `karras` schedule), the transformers
+flow-matching Euler.
 A `probe` loop runs every step synchronously and measures, along the exact trajectory, how far the
 stale and the extrapolated versions are from the fresh activations, per kind of exchange (the
 prediction error the displaced steps would start from); the extrapolating variants' own displaced
@@ -51,7 +52,7 @@ from .bench import TRANSFORMERS, UNET_SAMPLERS, _errors, _guided, experiment_arg
 from .config import Mode
 from .runtime.comm import StaleBuffers, _Entry
 from .runtime.launch import LocalCluster
-from .sampling import ddim_timesteps, euler_schedule
+from .sampling import EULER_SCHEDULES, ddim_timesteps, euler_schedule
 from .schedule import ddim_sigmas, fixed_sync_steps, flow_sigmas
 
 log = logging.getLogger("distri_core.extrapolate_bench")
@@ -71,24 +72,23 @@ KINDS = ("kv", "halo", "gn")
 
 
 # -- the factor --------------------------------------------------------------------------------
+def loop_schedule(model_name: str, steps: int, kind: str = "ddim") -> tuple[list[float], list[float]]:
+    """(sigmas, timesteps) of the bench loop a model runs in, steps + 1 values each (the last 0):
+    the sigma of every step, and the timestep the model is given there (the sigma for the
+    transformers, the training timestep for the UNets). `kind`: the UNets' sampler
+    (bench.UNET_SAMPLERS)."""
+    if model_name in TRANSFORMERS:
+        sigmas = flow_sigmas(steps)
+        return sigmas, sigmas
+    if kind == "ddim":
+        return ddim_sigmas(steps), [float(t) for t in ddim_timesteps(steps)] + [0.0]
+    sigmas, timesteps = euler_schedule(steps, EULER_SCHEDULES[kind])
+    return sigmas, timesteps + [0.0]
+
+
 def loop_sigmas(model_name: str, steps: int, kind: str = "ddim") -> list[float]:
-    """The sigma of every step of the bench loop a model runs in (steps + 1 values, the last 0);
-    `kind` is the UNets' sampler (bench.UNET_SAMPLERS)."""
-    if model_name in TRANSFORMERS:
-        return flow_sigmas(steps)
-    if kind == "ddim":
-        return ddim_sigmas(steps)
-    return euler_schedule(steps, "karras" if kind == "euler_karras" else "simple")[0]
-
-
-def loop_timesteps(model_name: str, steps: int, kind: str = "ddim") -> list[float]:
-    """The timestep the model is given at every step of that loop, with a final 0 (steps + 1
-    values, as `loop_sigmas`): sigma for the transformers, the training timestep for the UNets."""
-    if model_name in TRANSFORMERS:
-        return flow_sigmas(steps)
-    if kind == "ddim":
-        return [float(t) for t in ddim_timesteps(steps)] + [0.0]
-    return euler_schedule(steps, "karras" if kind == "euler_karras" else "simple")[1] + [0.0]
+    """The sigmas of `loop_schedule`."""
+    return loop_schedule(model_name, steps, kind)[0]
 
 
 def extrapolation_factors(sigmas: Sequence[float]) -> list[float]:
@@ -279,8 +279,8 @@ def extrapolate_task(info, model_name: str, size: int, steps: int, runs: Sequenc
     e = experiment_setup(info, model_name, size, steps, guidance, dtype, seed, mode, sampler_kind)
     x, ctx, extra, batch, loop, ref, ref_s, engine, device = (e[k] for k in (
         "x", "ctx", "extra", "batch", "loop", "ref", "ref_s", "engine", "device"))
-    factors = extrapolation_factors(loop_sigmas(model_name, steps, sampler_kind))
-    t_factors = extrapolation_factors(loop_timesteps(model_name, steps, sampler_kind))
+    sigmas, timesteps = loop_schedule(model_name, steps, sampler_kind)
+    factors, t_factors = extrapolation_factors(sigmas), extrapolation_factors(timesteps)
     kinds = layer_kinds(engine.installed)
     base_config = engine.config
     out_runs = []

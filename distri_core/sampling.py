@@ -74,6 +74,10 @@ def euler_schedule(steps: int, schedule: str = "simple", rho: float = 7.0) -> tu
     return sigmas + [0.0], ts
 
 
+# ComfyUI's `euler` loops the benchmarks run, by name: the schedule each uses.
+EULER_SCHEDULES = {"euler": "simple", "euler_karras": "karras"}
+
+
 def euler_sample(eps_fn: Callable[[torch.Tensor, float, int], torch.Tensor], x: torch.Tensor, steps: int,
                  callback: Callable[[int, torch.Tensor], None] | None = None, schedule: str = "simple") -> torch.Tensor:
     """Denoise `x` (pure noise at unit scale) in `steps` k-diffusion Euler steps, as ComfyUI's

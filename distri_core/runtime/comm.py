@@ -255,10 +255,14 @@ class StaleBuffers:
         self._wait(entry.bucket)
         return entry.views
 
+    def _latest(self, name: str) -> _Entry:
+        """The entry of the last exchange of `name` in this call (see `_unique`)."""
+        n = self._seen.get(name, 1) - 1
+        return self.entries[name if n == 0 else f"{name}#{n}"]
+
     @_eager
     def publish(self, name: str, fresh: torch.Tensor | None) -> None:
-        suffix = self._seen.get(name, 1) - 1
-        entry = self.entries[name if suffix == 0 else f"{name}#{suffix}"]
+        entry = self._latest(name)
         if fresh is not None:  # None: the layer wrote it into its own view (see stale)
             entry.views[self.rank].copy_(fresh)
         bucket = entry.bucket

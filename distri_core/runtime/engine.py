@@ -194,7 +194,7 @@ class DistriUNet:
         self.host.call = CallContext(mode, is_sync, call.band, call.layout.bands, state.buffers, comm_dtype,
                                      call.input_halo, state.band_weights, self.adapter.prefix_tokens(call.context),
                                      write_in_place=self.write_in_place)
-        if self.config.mode.extrapolates and isinstance(state.buffers, ExtrapolatingBuffers):
+        if isinstance(state.buffers, ExtrapolatingBuffers):
             state.buffers.observe(call.timesteps)
         state.buffers.begin_call()
         forward = self._forward

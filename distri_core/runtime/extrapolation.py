@@ -78,15 +78,18 @@ class ExtrapolatingBuffers(StaleBuffers):
         self._weights.clear()
         self._times = [t, *self._times[:1]]
 
+    def _extrapolates(self, entry: _Entry) -> bool:
+        return entry.name.split("#")[0] in self.extrapolated
+
     def bucket_key(self, entry: _Entry) -> object:
         """Extrapolated exchanges get buckets of their own (they take turns between two storages)."""
-        return entry.dtype, entry.name.split("#")[0] in self.extrapolated
+        return entry.dtype, self._extrapolates(entry)
 
     # -- per call: the storages take turns --------------------------------------------------
     def begin_call(self) -> None:
         super().begin_call()
         for bucket in self.buckets:
-            if bucket.entries[0].name.split("#")[0] in self.extrapolated:
+            if self._extrapolates(bucket.entries[0]):
                 self._turn(bucket)
 
     def _turn(self, bucket: _Bucket) -> None:
@@ -109,7 +112,7 @@ class ExtrapolatingBuffers(StaleBuffers):
     @_eager
     def stale(self, name, fresh, scaled_dim):
         views = super().stale(name, fresh, scaled_dim)  # the target's views; waits for the gather into the latest
-        bucket = self.entries[self._current(name)].bucket
+        bucket = self._latest(name).bucket
         turns = self._turns.get(id(bucket))
         if turns is not None and not turns.ready:
             self._predict(bucket, turns)
@@ -122,10 +125,6 @@ class ExtrapolatingBuffers(StaleBuffers):
         if turns is not None:
             turns.filled = True  # a synchronous call writes this call's version into the target
         return views
-
-    def _current(self, name: str) -> str:
-        n = self._seen.get(name, 1) - 1
-        return name if n == 0 else f"{name}#{n}"
 
     def _blocks(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """The other ranks' rows of a [world, width] tensor, as at most two contiguous blocks."""

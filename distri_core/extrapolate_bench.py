@@ -168,8 +168,8 @@ class ExperimentBuffers(StaleBuffers):
         known = self.control.kinds.get(uname.split("#")[0])
         if known is not None:
             return known
-        s = entry.shapes[self.rank]  # fallback: GroupNorm statistics are [B, G, 2]
-        return "gn" if len(s) == 3 and s[-1] == 2 else "other"
+        s = entry.shapes[self.rank]  # fallback: GroupNorm moments are [2, B, G]
+        return "gn" if len(s) == 3 and s[0] == 2 else "other"
 
     def _extrapolates(self, uname: str, entry: _Entry) -> bool:
         return self.control.include_gn or self.kind(uname, entry) != "gn"

@@ -1,8 +1,9 @@
 """GroupNorm over a row band with image-wide statistics.
 
-Each band computes its per-group mean and biased variance in float32; the image-wide values are
-combined with Chan's parallel formula (exact, and never negative), so `full_sync` and `sync_gn`
-equal `nn.GroupNorm`. After warm-up:
+Each band computes its per-group mean and mean of squares in float32 ([2, B, G], what is
+exchanged); the image-wide mean and variance are combined from every band's mean and variance with
+Chan's parallel formula (exact, and never negative), so `full_sync` and `sync_gn` equal
+`nn.GroupNorm`. After warm-up:
 
 - `corrected_async_gn` (paper eq. 2): last step's image-wide E[x] and E[x^2], shifted by this
   band's change since last step (fresh minus stale): the step-to-step drift is mostly global;
@@ -11,7 +12,8 @@ equal `nn.GroupNorm`. After warm-up:
 - `separate_gn`: this band's statistics alone.
 
 Both displaced estimates are one weighted sum of every band's stale (E[x], E[x^2]) plus this
-band's fresh ones, in a handful of operators on [B, G] tensors; this band's fresh statistics are
+band's fresh ones: in eager calls one matrix product over a view of the stale state, into buffers
+kept per stale key (16 operators a layer for `corrected_async_gn`); this band's fresh moments are
 written straight into its slot of the stale state, which is what is sent.
 
 Every path normalizes with the native batch-norm inference kernel, fed each channel's group's
@@ -37,26 +39,71 @@ from ..config import Mode
 from .base import CallContext, DistriLayer
 
 
-def combine_stats(stats: list[torch.Tensor], weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image-wide (mean, biased variance) from per-band [..., 2] (mean, variance) statistics and
-    each band's share of the elements (`weights`, [P], summing to 1)."""
-    s = torch.stack(stats)  # [P, B, G, 2]
+def combine_stats(moments: list[torch.Tensor], weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image-wide (mean, biased variance) from per-band [2, ...] (mean, mean of squares) moments
+    and each band's share of the elements (`weights`, [P], summing to 1): each band's variance
+    (never negative), then Chan's parallel formula."""
+    s = torch.stack(moments)  # [P, 2, B, G]
     w = weights.view(-1, *([1] * (s.dim() - 2)))
-    means, variances = s[..., 0], s[..., 1]
+    means, second = s[:, 0], s[:, 1]
+    variances = torch.addcmul(second, means, means, value=-1).clamp_min_(0.0)
     mean = (w * means).sum(0)
     var = (w * (variances + (means - mean) ** 2)).sum(0)
     return mean, var
 
 
-def band_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This band's per-group mean, biased variance and mean of squares, [B, G] float32, from
-    float32 sums of x and x^2 (two plain reductions, no copy of half-precision inputs;
-    torch.var_mean is 30x slower on a CPU and, for half inputs, returns half-precision results)."""
+def band_moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This band's per-group mean and mean of squares, [B, G] float32, from float32 sums of x and
+    x^2 (two plain reductions, no copy of half-precision inputs; torch.var_mean is 40x slower on a
+    CPU and, for half inputs, returns half-precision results)."""
     xs = x.reshape(x.shape[0], groups, -1)
     n = xs.shape[-1]
     mean = xs.sum(-1, dtype=torch.float32).div_(n)
     second = torch.linalg.vector_norm(xs, dim=-1, dtype=torch.float32).square_().div_(n)
-    return mean, torch.addcmul(second, mean, mean, value=-1).clamp_min_(0.0), second
+    return mean, second
+
+
+class _Lean:
+    """What a displaced step of one GroupNorm reuses from call to call, made once per stale key
+    (kept in its views' memo): every band's stale moments as one [P, 2 B G] view, the weights of
+    the rule as a [1, P] row, and buffers for this band's moments, the estimate and the
+    per-channel statistics, with their views. A call then fills them with out= and in-place
+    operators: 16 for `corrected_async_gn` (29 before, as separate tensors), none of them a
+    stack, a cast or a view of the stale state."""
+
+    def __init__(self, rows: torch.Tensor, weights: torch.Tensor, x: torch.Tensor, groups: int, corrected: bool):
+        b, c = x.shape[:2]
+        self.rows, self.weights, self.corrected = rows, weights, corrected
+        self.inv_n = groups / x[0].numel()  # 1 / elements per group in this band
+        f32 = dict(dtype=torch.float32, device=x.device)
+        self.fresh = torch.empty(2, b, groups, **f32)  # this band's (mean, mean of squares)
+        self.fresh_row = self.fresh.view(1, -1)
+        self.mean_l, self.second_l = self.fresh.unbind(0)
+        self.est = torch.empty(2, b, groups, **f32)  # image-wide (mean, mean of squares), then (mean, variance)
+        self.est_row = self.est.view(1, -1)
+        self.mean_g, self.var_g = self.est.unbind(0)
+        self.var_l = torch.empty(b, groups, **f32) if corrected else None
+        if c == groups:
+            self.spread = None
+            self.mean_c, self.var_c = self.est.view(2, b * c).unbind(0)
+        else:  # each channel gets its group's statistics: one copy of a broadcast view
+            per = c // groups
+            channel = torch.empty(2, b * c, **f32)
+            self.spread = (channel.view(2, b * groups, per), self.est.view(2, b * groups, 1).expand(2, b * groups, per))
+            self.mean_c, self.var_c = channel.unbind(0)
+
+    @staticmethod
+    def rows_of(views: list[torch.Tensor]) -> torch.Tensor | None:
+        """Every band's stale tensor as one [P, numel] view, where they sit at a fixed stride in
+        one storage (one bucket: always, for statistics of one shape); else None."""
+        first = views[0]
+        if not all(v.is_contiguous() and v.shape == first.shape and v.untyped_storage().data_ptr()
+                   == first.untyped_storage().data_ptr() for v in views):
+            return None
+        stride = views[1].storage_offset() - first.storage_offset() if len(views) > 1 else first.numel()
+        if any(v.storage_offset() != first.storage_offset() + j * stride for j, v in enumerate(views)):
+            return None
+        return first.as_strided((len(views), first.numel()), (stride, 1))
 
 
 class DistriGroupNorm(DistriLayer):
@@ -71,21 +118,18 @@ class DistriGroupNorm(DistriLayer):
         mode = ctx.mode.gn_rule if ctx is not None else None
         if ctx is None or not mode.communicates or (mode is Mode.SEPARATE_GN and not ctx.sync):
             return self.original(x, *args, **kwargs)  # this band's statistics alone
-        mean_l, var_l, second_l = band_stats(x, self.module.num_groups)
+        if not ctx.sync and mode in (Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN):
+            return self._displaced(ctx, x)
+        mean_l, second_l = band_moments(x, self.module.num_groups)
         if ctx.sync and self._can_carry(ctx, x):
-            mean_g, var_g = self._global_with_halo(ctx, x, mean_l, var_l)
-        elif not ctx.sync and mode in (Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN):
-            mean_g, var_g = self._displaced(ctx, mean_l, var_l, second_l)
+            mean_g, var_g = self._global_with_halo(ctx, x, mean_l, second_l)
         else:
-            mean_g, var_g = self._global(ctx, mean_l, var_l)
+            mean_g, var_g = self._global(ctx, mean_l, second_l)
         return self._normalize(x, mean_g, var_g)
 
     def _normalize(self, x: torch.Tensor, mean_g: torch.Tensor, var_g: torch.Tensor) -> torch.Tensor:
-        """x normalized with the image-wide statistics, in one pass over x: the native batch-norm
-        inference kernel over (batch, channel) rows, whose running statistics are each channel's
-        group's image-wide mean and variance (float32), with the GroupNorm's affine per channel.
-        It computes (x - mean) * rsqrt(var + eps) * w + b as the native GroupNorm kernel does, and
-        reads x once (the GroupNorm kernel reads it twice, once for statistics we already have)."""
+        """x normalized with the image-wide statistics ([B, G] each), in one pass over x (see
+        `_apply`)."""
         m = self.module
         b, c = x.shape[:2]
         groups = m.num_groups
@@ -93,6 +137,16 @@ class DistriGroupNorm(DistriLayer):
         if c != groups:
             stats = stats.unsqueeze(-1).expand(2, b, groups, c // groups)
         mean, var = stats.reshape(2, b * c).unbind(0)
+        return self._apply(x, mean, var)
+
+    def _apply(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """The native batch-norm inference kernel over (batch, channel) rows, whose running
+        statistics ([B C] float32) are each channel's group's image-wide mean and variance, with
+        the GroupNorm's affine per channel. It computes (x - mean) * rsqrt(var + eps) * w + b as
+        the native GroupNorm kernel does, and reads x once (the GroupNorm kernel reads it twice,
+        once for statistics we already have)."""
+        m = self.module
+        b, c = x.shape[:2]
         rows = x.reshape(1, b * c, -1)
         if not m.affine:
             return F.batch_norm(rows, mean, var, None, None, False, 0.0, m.eps).view_as(x)
@@ -103,46 +157,87 @@ class DistriGroupNorm(DistriLayer):
                 w, bias = w.repeat(b), (None if bias is None else bias.repeat(b))
             return F.batch_norm(rows, mean, var, w, bias, False, 0.0, m.eps).view_as(x)
 
-    def _displaced(self, ctx: CallContext, mean_l: torch.Tensor, var_l: torch.Tensor, second_l: torch.Tensor):
+    def _displaced(self, ctx: CallContext, x: torch.Tensor) -> torch.Tensor:
         """A displaced step of `corrected_async_gn` (last step's image-wide mean and mean of
         squares, moved by this band's change since then; a negative variance estimate falls back
-        to this band's own) or `stale_gn` (the other bands' last-step statistics with this band's
-        fresh ones). Both are one weighted sum of every band's stale moments."""
+        to this band's own) or `stale_gn` (the other bands' last-step moments with this band's
+        fresh ones). Both are one weighted sum of every band's stale moments: with `_Lean`'s
+        buffers where the stale views stay put (eager calls), else as separate tensors."""
         corrected = ctx.mode.gn_rule is Mode.CORRECTED_ASYNC_GN
-        views, _ = self.exchange(ctx, ((*mean_l.shape, 2), mean_l.dtype))
-
-        def make_weights():
-            # corrected: w - e_rank (this band's stale moments are taken out, its fresh ones put
-            # in whole); stale: w with this band's own left out, its fresh moments weighted by w_rank.
-            weights = ctx.band_weights.clone()
-            own = weights[ctx.rank].clone()
-            if corrected:  # in place on the device: no host data
-                weights[ctx.rank].sub_(1)
-            else:
-                weights[ctx.rank].zero_()
-            return weights.view(-1, 1, 1, 1), own
-
-        weights, own = self.memoized(views, "weights", make_weights)
-        moments = torch.stack(list(views))  # [P, B, G, 2]: (mean, variance) ... (a plain list: traceable)
-        means, second = moments.unbind(-1)
-        second.addcmul_(means, means)  # ... -> (mean, mean of squares)
-        fresh = torch.stack([mean_l, second_l], dim=-1)
-        est = (weights * moments).sum(0).add_(fresh) if corrected else torch.addcmul((weights * moments).sum(0), own, fresh)
-        mean, second = est.unbind(-1)
+        groups = self.module.num_groups
+        views, _ = self.exchange(ctx, ((2, x.shape[0], groups), torch.float32))
+        memo = self.memo(views) if self.in_place(ctx, views) else None
+        lean = memo.get("lean") if memo is not None else None
+        if lean is None and memo is not None:
+            rows = _Lean.rows_of(views)
+            if rows is not None:
+                lean = memo["lean"] = _Lean(rows, self._weights(ctx, corrected).view(1, -1), x, groups, corrected)
+        if lean is not None:
+            return self._displaced_lean(ctx, x, views, lean)
+        # The same arithmetic as separate tensors (under compile, or where the views may move):
+        # the same bits as `_displaced_lean`.
+        xs = x.reshape(x.shape[0], groups, -1)
+        fresh = torch.stack([xs.sum(-1, dtype=torch.float32),
+                             torch.linalg.vector_norm(xs, dim=-1, dtype=torch.float32).square_()])
+        fresh = fresh.mul_(groups / x[0].numel())  # [2, B, G]: (mean, mean of squares)
+        weights = self.memoized(views, "weights", lambda: self._weights(ctx, corrected)).view(1, -1)
+        moments = torch.stack(list(views))  # [P, 2, B, G] (a plain list: traceable)
+        if corrected:
+            est = torch.addmm(fresh.view(1, -1), weights, moments.view(len(views), -1))
+        else:
+            moments[ctx.rank] = fresh
+            est = torch.mm(weights, moments.view(len(views), -1))
+        mean, second = est.view_as(fresh).unbind(0)
         var = torch.addcmul(second, mean, mean, value=-1)
         if corrected:
-            var = torch.where(var < 0, var_l, var)
+            mean_l, second_l = fresh.unbind(0)
+            var = torch.where(var < 0, torch.addcmul(second_l, mean_l, mean_l, value=-1).clamp_min_(0.0), var)
         else:
             var = var.clamp_min_(0.0)
         if not self.in_place(ctx, views):
-            self.publish(ctx, torch.stack([mean_l, var_l], dim=-1))
-        else:  # written straight into this band's slot, which is what is sent
-            if torch.compiler.is_compiling():  # a write the compiler joins to the kernel computing it
-                views[ctx.rank].copy_(torch.stack([mean_l, var_l], dim=-1))
-            else:
-                torch.stack([mean_l, var_l], dim=-1, out=views[ctx.rank])
+            self.publish(ctx, fresh)
+        else:  # compiled: the write joins the kernel computing it
+            views[ctx.rank].copy_(fresh)
             self.publish(ctx, None)
-        return mean, var
+        return self._normalize(x, mean, var)
+
+    @staticmethod
+    def _weights(ctx: CallContext, corrected: bool) -> torch.Tensor:
+        """[P] weights of every band's moments, made on the device (no host data): corrected,
+        w - e_rank over the stale ones (this band's stale moments are taken out, its fresh ones
+        added whole); stale, w over the stale ones with this band's replaced by its fresh ones."""
+        weights = ctx.band_weights.clone()
+        if corrected:
+            weights[ctx.rank].sub_(1)
+        return weights
+
+    def _displaced_lean(self, ctx: CallContext, x: torch.Tensor, views: list[torch.Tensor], lean: _Lean) -> torch.Tensor:
+        """`_displaced` in `lean`'s buffers. stale_gn writes this band's fresh moments into its own
+        slot first, so one product with the band weights gives the estimate; corrected_async_gn
+        reads its own stale moments, then writes the fresh ones."""
+        xs = x.reshape(x.shape[0], self.module.num_groups, -1)
+        torch.sum(xs, -1, dtype=torch.float32, out=lean.mean_l)
+        torch.linalg.vector_norm(xs, dim=-1, dtype=torch.float32, out=lean.second_l)
+        lean.second_l.square_()
+        lean.fresh.mul_(lean.inv_n)
+        own = views[ctx.rank]
+        if lean.corrected:
+            torch.addmm(lean.fresh_row, lean.weights, lean.rows, out=lean.est_row)
+            own.copy_(lean.fresh)
+        else:
+            own.copy_(lean.fresh)
+            torch.mm(lean.weights, lean.rows, out=lean.est_row)
+        # The write into its own slot is issued before the publish that may launch the gather.
+        self.publish(ctx, None)
+        lean.var_g.addcmul_(lean.mean_g, lean.mean_g, value=-1)
+        if lean.corrected:
+            torch.addcmul(lean.second_l, lean.mean_l, lean.mean_l, value=-1, out=lean.var_l).clamp_min_(0.0)
+            torch.where(lean.var_g < 0, lean.var_l, lean.var_g, out=lean.var_g)
+        else:
+            lean.var_g.clamp_min_(0.0)
+        if lean.spread is not None:
+            lean.spread[0].copy_(lean.spread[1])
+        return self._apply(x, lean.mean_c, lean.var_c)
 
     def _can_carry(self, ctx: CallContext, x: torch.Tensor) -> bool:
         """The next conv's halo can travel with the statistics: a 4-D input and every band at
@@ -152,11 +247,11 @@ class DistriGroupNorm(DistriLayer):
             return False
         return all(ctx.bands.scaled(j, x.shape[2], ctx.rank) >= conv.halo for j in range(ctx.bands.parts))
 
-    def _global_with_halo(self, ctx: CallContext, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor):
-        """One exchange for [statistics | edge rows of x]; the statistics go on as this layer's own
+    def _global_with_halo(self, ctx: CallContext, x: torch.Tensor, mean: torch.Tensor, second: torch.Tensor):
+        """One exchange for [moments | edge rows of x]; the moments go on as this layer's own
         exchange, the neighbours' rows (normalized and activated here) as the conv's."""
         m, conv = self.module, self.feeds
-        fresh = torch.stack([mean, var], dim=-1)
+        fresh = torch.stack([mean, second])
         raw = conv.edge_rows(x)
         payload = torch.cat([fresh.reshape(-1), raw.reshape(-1) if raw.dtype == torch.float32 else raw.reshape(-1).float()])
         views = ctx.exchanger.gather(self.name + "+halo", payload, None, keep=False)
@@ -182,8 +277,8 @@ class DistriGroupNorm(DistriLayer):
         ctx.exchanger.provide(conv.name, rows.reshape(len(views), -1), tuple(raw.shape))
         return mean_g, var_g
 
-    def _global(self, ctx: CallContext, mean: torch.Tensor, var: torch.Tensor):
+    def _global(self, ctx: CallContext, mean: torch.Tensor, second: torch.Tensor):
         """Synchronous statistics (every sync step; every step of `sync_gn`)."""
         keep = ctx.mode.gn_rule in (Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN)  # the only modes that read them stale
-        views = ctx.exchanger.gather(self.name, torch.stack([mean, var], dim=-1), None, keep=keep)
+        views = ctx.exchanger.gather(self.name, torch.stack([mean, second]), None, keep=keep)
         return combine_stats(views, ctx.band_weights)

@@ -54,6 +54,14 @@ class Mode(str, enum.Enum):
         """Displaced steps read the other bands' halos and K/V extrapolated, not as they were."""
         return self is Mode.CORRECTED_EXTRAPOLATED
 
+    def flow_refusal(self, model: str) -> str | None:
+        """Why this mode does not run on `model`, a flow-matching model (Flux), or None where it
+        may: there the extrapolated activations lost (docs/bench/extrapolate.md)."""
+        if not self.extrapolates:
+            return None
+        return (f"mode={self.value} does not suit {model}, a flow-matching model: there the extrapolated "
+                "activations were 9-35% further from one device than corrected_async_gn's (docs/bench/extrapolate.md)")
+
     @property
     def concrete(self) -> bool:
         """A mode the engine can run (everything but `auto`, which the planner resolves)."""

@@ -289,11 +289,9 @@ def parallel_model(model, settings: DistriSettings):
             log.warning("%s Running on one device instead.", explain(reasons))
             return model
         raise UnsupportedInputError(explain(reasons))
-    if settings.config.mode.extrapolates and isinstance(model.model.diffusion_model, Flux):
-        raise UnsupportedInputError(
-            f"mode={settings.config.mode.value} does not suit Flux, a flow-matching model: there the extrapolated "
-            "activations were further from one GPU than corrected_async_gn's (docs/bench/extrapolate.md). Set mode "
-            "to corrected_async_gn (or auto) in Patch Parallel Config.")
+    refusal = settings.config.mode.flow_refusal("Flux") if isinstance(model.model.diffusion_model, Flux) else None
+    if refusal:  # before any worker starts
+        raise UnsupportedInputError(f"{refusal}. Set mode to corrected_async_gn (or auto) in Patch Parallel Config.")
     m = hostless(model)
     if COMPILE_KEY in m.wrappers.get(comfy.patcher_extension.WrappersMP.APPLY_MODEL, {}):
         log.warning("TorchCompileModel has no effect on a Distri model: it compiles the host's UNet, which only "

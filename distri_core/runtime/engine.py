@@ -100,11 +100,9 @@ class DistriUNet:
         self.config = config
         self.groups = groups
         self.adapter = adapter_for(model)
-        if config.mode.extrapolates and self.adapter.flow:
-            raise ValueError(
-                f"mode={config.mode.value} does not suit {type(model).__name__}, a flow-matching model: there the "
-                "extrapolated K/V were 9-35% further from one device than corrected_async_gn's "
-                "(docs/bench/extrapolate.md); use mode='corrected_async_gn'")
+        refusal = config.mode.flow_refusal(type(model).__name__) if self.adapter.flow else None
+        if refusal:
+            raise ValueError(f"{refusal}; use mode='corrected_async_gn'")
         self.host = LayerHost(weights)
         self.installed = install_layers(model, self.host, self.adapter.input_conv(model),
                                         self.adapter.attention_namespace(model))

@@ -39,6 +39,7 @@ class Exchanger(Protocol):
              None: it was written into its own view in place (nothing to copy).
     provide: every rank's tensor for the next gather of a name in this call, already known (it
              travelled inside an earlier gather): that gather sends nothing.
+    provided: whether the next gather of a name has been provided so.
     """
 
     def gather(self, name: str, fresh: torch.Tensor, scaled_dim: int | None,
@@ -53,6 +54,8 @@ class Exchanger(Protocol):
     def publish(self, name: str, fresh: torch.Tensor | None) -> None: ...
 
     def provide(self, name: str, rows: torch.Tensor, fresh_shape: tuple[int, ...]) -> None: ...
+
+    def provided(self, name: str) -> bool: ...
 
 
 class StaleViews(list):

@@ -238,6 +238,11 @@ class StaleBuffers:
         n = self._seen.get(name, 0)
         self._provided[name if n == 0 else f"{name}#{n}"] = (rows, tuple(fresh_shape))
 
+    def provided(self, name: str) -> bool:
+        """The next gather of `name` in this call has its tensors already (see `provide`)."""
+        n = self._seen.get(name, 0)
+        return (name if n == 0 else f"{name}#{n}") in self._provided
+
     @_eager
     def stale(self, name: str, fresh: torch.Tensor | tuple[tuple[int, ...], torch.dtype],
               scaled_dim: int | None) -> list[torch.Tensor]:

@@ -2,7 +2,8 @@
 UNet and for each mode's synchronous and displaced steps, and the operators that would make a GPU
 host wait (see opcount). Run by `python -m distri_core.bench --profile` on the bench's ranks.
 
-Two counts of the work a call hands the device:
+Two counts of the work a call hands the device (and, for displaced steps, `ops_per_layer`: the
+operators of one call of each kind of distributed layer):
 - `ops`: every operator dispatched, views included, counted below autograd (opcount.OpCounter);
   it cannot see inside a torch.compile'd graph;
 - `dispatches`: what the profiler sees the host launch: operators called from Python or from a
@@ -14,6 +15,8 @@ from __future__ import annotations
 import statistics
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -80,6 +83,43 @@ def dispatches(call, settle=None) -> int:
     return sum(dispatched(call, settle).values())
 
 
+@contextmanager
+def ops_by_layer(layers) -> Iterator[dict[str, float]]:
+    """Operators dispatched per call of each kind of distributed layer (`layers`: an engine's
+    installed layers), averaged over the layers of a kind, for the calls made inside; the dict
+    is filled on exit. It counts through each layer class's `__call__`, restored after."""
+    classes = {type(layer) for layer in layers}
+    saved = {cls: vars(cls).get("__call__") for cls in classes}
+    ops: Counter = Counter()
+    calls: Counter = Counter()
+    result: dict[str, float] = {}
+
+    inners = {cls: cls.__call__ for cls in classes}  # before any is replaced
+
+    def counting(cls):
+        inner = inners[cls]
+
+        def call(self, *args, **kwargs):
+            with OpCounter() as counter:
+                out = inner(self, *args, **kwargs)
+            ops[cls.__name__] += counter.total
+            calls[cls.__name__] += 1
+            return out
+        return call
+
+    for cls in classes:
+        cls.__call__ = counting(cls)
+    try:
+        yield result
+    finally:
+        for cls, own in saved.items():
+            if own is None:
+                del cls.__call__
+            else:
+                cls.__call__ = own
+        result.update({name: round(ops[name] / calls[name], 1) for name in sorted(calls)})
+
+
 def _host_ms(call, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -136,6 +176,9 @@ def profile_task(info, model: str, latent: int, modes: list[str], repeats: int =
                     step(False)
                 row["displaced"] = _measure(lambda: step(False), repeats, engine.drain)
                 row["displaced"]["first_call_host_waits"] = dict(first.host_waits)
+                with ops_by_layer(engine.installed.layers) as per_layer:
+                    step(False)
+                row["displaced"]["ops_per_layer"] = per_layer
             engine.close()
             for kind in ("sync", "displaced"):
                 if kind in row:

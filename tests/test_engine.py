@@ -257,6 +257,12 @@ def test_the_hot_path_never_makes_the_host_wait(cluster, model):
     # against 1050 on builtin-tiny).
     extrapolated = r["corrected_extrapolated"]["displaced"]["ops"]
     assert extrapolated <= displaced["ops"] * 1.05, (extrapolated, displaced)
+    # A displaced GroupNorm fills the buffers it keeps per stale key (16 operators where channels
+    # outnumber groups, 15 where not; 13 and 12 for stale_gn), not separate tensors (29): a stale
+    # state whose views it could not see as one [P, n] view would fall back to those, silently.
+    for mode, most in (("corrected_async_gn", 16), ("stale_gn", 13), ("corrected_extrapolated", 16)):
+        per_layer = r[mode]["displaced"]["ops_per_layer"]
+        assert 0 < per_layer["DistriGroupNorm"] <= most, (mode, per_layer)
     for mode in modes:
         for kind, step in r[mode].items():
             assert step["host_waits"] == {}, (mode, kind, step)

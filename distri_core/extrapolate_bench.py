@@ -160,10 +160,6 @@ class ExperimentBuffers(StaleBuffers):
     _older: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
     _made: dict[str, list] = field(default_factory=dict)  # displaced probe: last step's predictions
 
-    def _uname(self, name: str) -> str:
-        n = self._seen.get(name, 0)
-        return name if n == 0 else f"{name}#{n}"
-
     def kind(self, uname: str, entry: _Entry) -> str:
         known = self.control.kinds.get(uname.split("#")[0])
         if known is not None:
@@ -199,7 +195,7 @@ class ExperimentBuffers(StaleBuffers):
         return out
 
     def stale(self, name: str, fresh, scaled_dim: int | None) -> list[torch.Tensor]:
-        uname = self._uname(name)
+        uname = self._next(name)
         views = super().stale(name, fresh, scaled_dim)
         entry = self.entries[uname]
         if not self._extrapolates(uname, entry):
@@ -220,7 +216,7 @@ class ExperimentBuffers(StaleBuffers):
         return out
 
     def gather_start(self, name: str, fresh: torch.Tensor, scaled_dim: int | None, keep: bool = True):
-        uname = self._uname(name)
+        uname = self._next(name)
         finish = super().gather_start(name, fresh, scaled_dim, keep)
         entry = self.entries.get(uname) if keep and self.keep_stale else None
         if entry is None or entry.bucket is None or not self._extrapolates(uname, entry):

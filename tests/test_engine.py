@@ -254,7 +254,7 @@ def test_the_hot_path_never_makes_the_host_wait(cluster, model):
     assert displaced["ops"] <= displaced["dispatches"] <= displaced["ops"] + 8, displaced
     # Extrapolating costs a few operators per bucket (the factor, one lerp per block of rows), not
     # per exchange: its storages' views stay put, so the layers' memos hold (measured: +22, 1072
-    # against 1050 on builtin-tiny).
+    # against 1050 on the bench's tiny).
     extrapolated = r["corrected_extrapolated"]["displaced"]["ops"]
     assert extrapolated <= displaced["ops"] * 1.05, (extrapolated, displaced)
     # A displaced GroupNorm fills the buffers it keeps per stale key (16 operators where channels

@@ -52,15 +52,20 @@ def combine_stats(moments: list[torch.Tensor], weights: torch.Tensor) -> tuple[t
     return mean, var
 
 
-def band_moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This band's per-group mean and mean of squares, [B, G] float32, from float32 sums of x and
-    x^2 (two plain reductions, no copy of half-precision inputs; torch.var_mean is 40x slower on a
-    CPU and, for half inputs, returns half-precision results)."""
+def inverse_count(x: torch.Tensor, groups: int) -> float:
+    """1 / the elements of one group in this band."""
+    return groups / x[0].numel()
+
+
+def band_moments(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """This band's per-group (mean, mean of squares), [2, B, G] float32 (what the bands exchange),
+    from float32 sums of x and x^2 (two plain reductions, no copy of half-precision inputs;
+    torch.var_mean is 40x slower on a CPU and, for half inputs, returns half-precision results).
+    `DistriGroupNorm._displaced_lean` computes the same bits into its buffers."""
     xs = x.reshape(x.shape[0], groups, -1)
-    n = xs.shape[-1]
-    mean = xs.sum(-1, dtype=torch.float32).div_(n)
-    second = torch.linalg.vector_norm(xs, dim=-1, dtype=torch.float32).square_().div_(n)
-    return mean, second
+    moments = torch.stack([xs.sum(-1, dtype=torch.float32),
+                           torch.linalg.vector_norm(xs, dim=-1, dtype=torch.float32).square_()])
+    return moments.mul_(inverse_count(x, groups))
 
 
 class _Lean:
@@ -74,7 +79,7 @@ class _Lean:
     def __init__(self, rows: torch.Tensor, weights: torch.Tensor, x: torch.Tensor, groups: int, corrected: bool):
         b, c = x.shape[:2]
         self.rows, self.weights, self.corrected = rows, weights, corrected
-        self.inv_n = groups / x[0].numel()  # 1 / elements per group in this band
+        self.inv_n = inverse_count(x, groups)
         f32 = dict(dtype=torch.float32, device=x.device)
         self.fresh = torch.empty(2, b, groups, **f32)  # this band's (mean, mean of squares)
         self.fresh_row = self.fresh.view(1, -1)
@@ -120,11 +125,11 @@ class DistriGroupNorm(DistriLayer):
             return self.original(x, *args, **kwargs)  # this band's statistics alone
         if not ctx.sync and mode in (Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN):
             return self._displaced(ctx, x)
-        mean_l, second_l = band_moments(x, self.module.num_groups)
+        fresh = band_moments(x, self.module.num_groups)
         if ctx.sync and self._can_carry(ctx, x):
-            mean_g, var_g = self._global_with_halo(ctx, x, mean_l, second_l)
+            mean_g, var_g = self._global_with_halo(ctx, x, fresh)
         else:
-            mean_g, var_g = self._global(ctx, mean_l, second_l)
+            mean_g, var_g = self._global(ctx, fresh)
         return self._normalize(x, mean_g, var_g)
 
     def _normalize(self, x: torch.Tensor, mean_g: torch.Tensor, var_g: torch.Tensor) -> torch.Tensor:
@@ -176,10 +181,7 @@ class DistriGroupNorm(DistriLayer):
             return self._displaced_lean(ctx, x, views, lean)
         # The same arithmetic as separate tensors (under compile, or where the views may move):
         # the same bits as `_displaced_lean`.
-        xs = x.reshape(x.shape[0], groups, -1)
-        fresh = torch.stack([xs.sum(-1, dtype=torch.float32),
-                             torch.linalg.vector_norm(xs, dim=-1, dtype=torch.float32).square_()])
-        fresh = fresh.mul_(groups / x[0].numel())  # [2, B, G]: (mean, mean of squares)
+        fresh = band_moments(x, groups)
         weights = self.memoized(views, "weights", lambda: self._weights(ctx, corrected)).view(1, -1)
         moments = torch.stack(list(views))  # [P, 2, B, G] (a plain list: traceable)
         if corrected:
@@ -196,7 +198,7 @@ class DistriGroupNorm(DistriLayer):
             var = var.clamp_min_(0.0)
         if not self.in_place(ctx, views):
             self.publish(ctx, fresh)
-        else:  # compiled: the write joins the kernel computing it
+        else:  # (compiled, the write joins the kernel computing it)
             views[ctx.rank].copy_(fresh)
             self.publish(ctx, None)
         return self._normalize(x, mean, var)
@@ -247,11 +249,10 @@ class DistriGroupNorm(DistriLayer):
             return False
         return all(ctx.bands.scaled(j, x.shape[2], ctx.rank) >= conv.halo for j in range(ctx.bands.parts))
 
-    def _global_with_halo(self, ctx: CallContext, x: torch.Tensor, mean: torch.Tensor, second: torch.Tensor):
+    def _global_with_halo(self, ctx: CallContext, x: torch.Tensor, fresh: torch.Tensor):
         """One exchange for [moments | edge rows of x]; the moments go on as this layer's own
         exchange, the neighbours' rows (normalized and activated here) as the conv's."""
         m, conv = self.module, self.feeds
-        fresh = torch.stack([mean, second])
         raw = conv.edge_rows(x)
         payload = torch.cat([fresh.reshape(-1), raw.reshape(-1) if raw.dtype == torch.float32 else raw.reshape(-1).float()])
         views = ctx.exchanger.gather(self.name + "+halo", payload, None, keep=False)
@@ -277,8 +278,8 @@ class DistriGroupNorm(DistriLayer):
         ctx.exchanger.provide(conv.name, rows.reshape(len(views), -1), tuple(raw.shape))
         return mean_g, var_g
 
-    def _global(self, ctx: CallContext, mean: torch.Tensor, second: torch.Tensor):
+    def _global(self, ctx: CallContext, fresh: torch.Tensor):
         """Synchronous statistics (every sync step; every step of `sync_gn`)."""
         keep = ctx.mode.gn_rule in (Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN)  # the only modes that read them stale
-        views = ctx.exchanger.gather(self.name, torch.stack([mean, second]), None, keep=keep)
+        views = ctx.exchanger.gather(self.name, fresh, None, keep=keep)
         return combine_stats(views, ctx.band_weights)

@@ -171,10 +171,15 @@ class StaleBuffers:
                 self._close(key)
             self.phase = Phase.READY
 
-    def _unique(self, name: str) -> str:
+    def _next(self, name: str) -> str:
+        """The name the next exchange of `name` in this call will have (see `_unique`)."""
         n = self._seen.get(name, 0)
-        self._seen[name] = n + 1
         return name if n == 0 else f"{name}#{n}"
+
+    def _unique(self, name: str) -> str:
+        unique = self._next(name)
+        self._seen[name] = self._seen.get(name, 0) + 1
+        return unique
 
     def _shapes(self, fresh: torch.Tensor, scaled_dim: int | None) -> list[tuple[int, ...]]:
         shapes = []
@@ -235,13 +240,11 @@ class StaleBuffers:
         """Every rank's tensor for the next exchange of `name` in this call, [world, slot], already
         known (carried by an earlier exchange): that exchange then sends nothing. It is used only
         if its fresh tensor has `fresh_shape` (else it is gathered as usual, on every rank alike)."""
-        n = self._seen.get(name, 0)
-        self._provided[name if n == 0 else f"{name}#{n}"] = (rows, tuple(fresh_shape))
+        self._provided[self._next(name)] = (rows, tuple(fresh_shape))
 
     def provided(self, name: str) -> bool:
         """The next gather of `name` in this call has its tensors already (see `provide`)."""
-        n = self._seen.get(name, 0)
-        return (name if n == 0 else f"{name}#{n}") in self._provided
+        return self._next(name) in self._provided
 
     @_eager
     def stale(self, name: str, fresh: torch.Tensor | tuple[tuple[int, ...], torch.dtype],

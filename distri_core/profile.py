@@ -2,8 +2,8 @@
 UNet and for each mode's synchronous and displaced steps, and the operators that would make a GPU
 host wait (see opcount). Run by `python -m distri_core.bench --profile` on the bench's ranks.
 
-Two counts of the work a call hands the device (and, for displaced steps, `ops_per_layer`: the
-operators of one call of each kind of distributed layer):
+Two counts of the work a call hands the device (and `ops_per_layer`: the operators of one call
+of each kind of distributed layer, for synchronous and displaced steps):
 - `ops`: every operator dispatched, views included, counted below autograd (opcount.OpCounter);
   it cannot see inside a torch.compile'd graph;
 - `dispatches`: what the profiler sees the host launch: operators called from Python or from a
@@ -166,6 +166,9 @@ def profile_task(info, model: str, latent: int, modes: list[str], repeats: int =
 
             step(True)  # the first call of the key registers its exchanges
             row = {"sync": _measure(lambda: step(True), repeats, engine.drain)}
+            with ops_by_layer(engine.installed.layers) as per_layer:
+                step(True)
+            row["sync"]["ops_per_layer"] = per_layer
             if config.mode.uses_stale or mode == "naive_patch":
                 # The first displaced calls of a key also make the views and indices later ones
                 # reuse (two calls: corrected_extrapolated's two storages take turns, each with its

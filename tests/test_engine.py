@@ -263,6 +263,14 @@ def test_the_hot_path_never_makes_the_host_wait(cluster, model):
     for mode, most in (("corrected_async_gn", 16), ("stale_gn", 13), ("corrected_extrapolated", 16)):
         per_layer = r[mode]["displaced"]["ops_per_layer"]
         assert 0 < per_layer["DistriGroupNorm"] <= most, (mode, per_layer)
+    # A synchronous GroupNorm fills its own buffers too (on builtin tiny 40 operators where it
+    # carries the conv's halo, 27 where not; 47 and 29 where its statistics are kept as stale
+    # state), where separate tensors took 72 and 37: the synchronous steps of every mode, sync_gn's
+    # displaced steps.
+    for mode in modes:
+        for kind, step in r[mode].items():
+            if kind == "sync" or mode == "sync_gn":
+                assert 0 < step["ops_per_layer"]["DistriGroupNorm"] <= 45, (mode, kind, step["ops_per_layer"])
     for mode in modes:
         for kind, step in r[mode].items():
             assert step["host_waits"] == {}, (mode, kind, step)

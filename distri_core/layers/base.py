@@ -27,7 +27,8 @@ class Exchanger(Protocol):
     """Moves one layer's activations between the ranks of a patch group (see runtime/comm.py).
 
     gather:  blocking all-gather of this call's tensors; kept as next call's stale state unless
-             keep=False (for exchanges that are never read stale).
+             keep=False (for exchanges that are never read stale). Where the exchange was
+             `provide`d, the tensor's (shape, dtype) is enough.
     gather_start: the same, launched asynchronously; the returned function waits and gives the
              tensors (so a synchronous layer can compute what does not need them meanwhile).
     stale:   last call's tensors of every rank (waits for the pending gather that brings them),
@@ -42,7 +43,7 @@ class Exchanger(Protocol):
     provided: whether the next gather of a name has been provided so.
     """
 
-    def gather(self, name: str, fresh: torch.Tensor, scaled_dim: int | None,
+    def gather(self, name: str, fresh: torch.Tensor | tuple[tuple[int, ...], torch.dtype], scaled_dim: int | None,
                keep: bool = True) -> list[torch.Tensor]: ...
 
     def gather_start(self, name: str, fresh: torch.Tensor, scaled_dim: int | None,

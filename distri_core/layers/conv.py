@@ -3,6 +3,8 @@ neighbouring bands, this step's (sync) or the previous step's (DistriFusion)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -50,9 +52,11 @@ def halo_slot(x: torch.Tensor, p: int) -> torch.Tensor:
     return slot
 
 
-def assemble_halo(views: list[torch.Tensor], heights: list[int], rank: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+def assemble_halo(views: list[torch.Tensor], heights: list[int], rank: int, p: int,
+                  zeros: Callable[[tuple[int, ...], torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The p rows above and below band `rank`, from every band's halo slot; zeros past the image
-    edge (the conv's own zero padding). Bands shorter than p are walked through."""
+    edge (the conv's own zero padding; `zeros(shape, like)` may give them, read only). Bands
+    shorter than p are walked through."""
     ref = views[rank]
 
     def collect(order: range, take_last: bool) -> torch.Tensor:
@@ -67,8 +71,9 @@ def assemble_halo(views: list[torch.Tensor], heights: list[int], rank: int, p: i
         if take_last:
             pieces.reverse()
         if need:
-            zeros = ref.new_zeros(ref.shape[0], ref.shape[1], need, ref.shape[3])
-            pieces = [zeros] + pieces if take_last else pieces + [zeros]
+            shape = (ref.shape[0], ref.shape[1], need, ref.shape[3])
+            pad = ref.new_zeros(shape) if zeros is None else zeros(shape, ref)
+            pieces = [pad] + pieces if take_last else pieces + [pad]
         return torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
 
     above = collect(range(rank - 1, -1, -1), take_last=True)
@@ -91,6 +96,7 @@ class DistriConv2d(DistriLayer):
             pw = dw * (kw - 1) // 2
         self.pad_w = pw or 0
         self._edge_index: dict = {}  # (band height, device) -> indices of the 2 * halo edge rows
+        self._zeros: dict = {}  # (shape, dtype, device) -> the rows past the image edge (read only)
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         ctx = self.ctx
@@ -130,12 +136,18 @@ class DistriConv2d(DistriLayer):
             bottom = conv(torch.cat([x[:, :, h - 2 * p:], below], dim=2))
         return torch.cat([top, interior, bottom], dim=2)
 
-    def edge_rows(self, x: torch.Tensor) -> torch.Tensor:
+    def edge_rows(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """`halo_slot(x, halo)`: the rows this band shares with its neighbours, as one gather of
-        the 2 * halo edge rows instead of two slices and a cat."""
+        the 2 * halo edge rows instead of two slices and a cat; into `out` where given (of any
+        dtype: a cast where it is not x's)."""
         if x.shape[2] < self.halo or torch.compiler.is_compiling():
-            return halo_slot(x, self.halo)
-        return x.index_select(2, self._edge_index_for(x))
+            rows = halo_slot(x, self.halo)
+            return rows if out is None else out.copy_(rows)
+        if out is None:
+            return x.index_select(2, self._edge_index_for(x))
+        if out.dtype != x.dtype:
+            return out.copy_(x.index_select(2, self._edge_index_for(x)))
+        return torch.index_select(x, 2, self._edge_index_for(x), out=out)
 
     def _edge_index_for(self, x: torch.Tensor) -> torch.Tensor:
         """Indices of the 2 * halo edge rows of a band of x's height, made once per height and
@@ -147,6 +159,17 @@ class DistriConv2d(DistriLayer):
             self._edge_index[(h, x.device)] = index
         return index
 
+    def _zeros_like(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """Zero rows past the image edge, made once per shape, dtype and device (the cat reads
+        them; nothing writes them). Under compile, made in the graph."""
+        if torch.compiler.is_compiling():
+            return like.new_zeros(shape)
+        key = (shape, like.dtype, like.device)
+        zeros = self._zeros.get(key)
+        if zeros is None:
+            zeros = self._zeros[key] = like.new_zeros(shape)
+        return zeros
+
     def _halo_slot(self, ctx: CallContext, x: torch.Tensor) -> torch.Tensor:
         """What this band sends its neighbours, in the exchange's dtype."""
         fresh = self.edge_rows(x)
@@ -157,7 +180,7 @@ class DistriConv2d(DistriLayer):
         heights = [ctx.bands.scaled(j, x.shape[2], ctx.rank) for j in range(ctx.bands.parts)]
         # Kept (one entry per exchange, whose shapes are fixed) where each side is one view of a
         # neighbour's slot (or zeros past the image edge), not a copy: it stays right from call to call.
-        above, below = self.memoized(views, "halo", lambda: assemble_halo(views, heights, ctx.rank, self.halo),
+        above, below = self.memoized(views, "halo", lambda: assemble_halo(views, heights, ctx.rank, self.halo, self._zeros_like),
                                      keep=min(heights) >= self.halo)
         if above.dtype != x.dtype:
             above, below = above.to(x.dtype), below.to(x.dtype)
@@ -165,7 +188,10 @@ class DistriConv2d(DistriLayer):
 
     def _with_halo(self, ctx: CallContext, x: torch.Tensor) -> torch.Tensor:
         if ctx.sync:
-            views, _ = self.exchange(ctx, self._halo_slot(ctx, x))
+            # A halo the GroupNorm carried needs only its slot's (shape, dtype): its rows are here.
+            slot = (((x.shape[0], x.shape[1], 2 * self.halo, x.shape[3]), ctx.comm_dtype or x.dtype)
+                    if ctx.exchanger.provided(self.name) else self._halo_slot(ctx, x))
+            views, _ = self.exchange(ctx, slot)
             above, below = self._neighbours(ctx, views, x)
             return torch.cat([above, x, below], dim=2)
         p, h = self.halo, x.shape[2]

@@ -14,7 +14,11 @@ Chan's parallel formula (exact, and never negative), so `full_sync` and `sync_gn
 Both displaced estimates are one weighted sum of every band's stale (E[x], E[x^2]) plus this
 band's fresh ones: in eager calls one matrix product over a view of the stale state, into buffers
 kept per stale key (16 operators a layer for `corrected_async_gn`); this band's fresh moments are
-written straight into its slot of the stale state, which is what is sent.
+written straight into its slot of the stale state, which is what is sent. Synchronous statistics
+(every synchronous step, every step of `sync_gn`) likewise fill buffers the layer keeps per input
+shape: Chan's formula as two matrix products with the band weights (on builtin tiny 27
+operators a layer, 40 where the conv's halo travels along, against 37 and 72 as separate
+tensors).
 
 Every path normalizes with the native batch-norm inference kernel, fed each channel's group's
 image-wide statistics: one pass over x, where the GroupNorm kernel would compute statistics we
@@ -26,11 +30,14 @@ The hot path never waits for the device: no float64, no host data copied to the 
 When a convolution follows through SiLU only (a ResBlock half: GroupNorm, SiLU, [Dropout],
 Conv3x3), a synchronous step sends the statistics and this band's edge rows of the GroupNorm's
 input in one exchange; every rank then applies the image-wide normalization and SiLU to its
-neighbours' rows itself and hands them to the convolution, which sends nothing: one blocking
-exchange per ResBlock half instead of two.
+neighbours' rows itself, with the same batch-norm kernel their own band uses, and hands them to
+the convolution, which sends nothing: one blocking exchange per ResBlock half instead of two.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -39,17 +46,32 @@ from ..config import Mode
 from .base import CallContext, DistriLayer
 
 
-def combine_stats(moments: list[torch.Tensor], weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image-wide (mean, biased variance) from per-band [2, ...] (mean, mean of squares) moments
-    and each band's share of the elements (`weights`, [P], summing to 1): each band's variance
-    (never negative), then Chan's parallel formula."""
-    s = torch.stack(moments)  # [P, 2, B, G]
-    w = weights.view(-1, *([1] * (s.dim() - 2)))
-    means, second = s[:, 0], s[:, 1]
+def combine_stats(rows: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image-wide (mean, biased variance), [1, B·G] each, from every band's (mean, mean of squares)
+    as [P, 2·B·G] rows and each band's share of the elements (`weights`, a [1, P] row summing to 1):
+    each band's variance (never negative), then Chan's parallel formula as two products with the
+    weights. `_SyncStats.combine` computes the same bits into its buffers."""
+    half = rows.shape[1] // 2
+    means, second = rows[:, :half], rows[:, half:]
     variances = torch.addcmul(second, means, means, value=-1).clamp_min_(0.0)
-    mean = (w * means).sum(0)
-    var = (w * (variances + (means - mean) ** 2)).sum(0)
+    mean = torch.mm(weights, means)
+    dev = torch.sub(means, mean)
+    var = torch.mm(weights, variances.addcmul_(dev, dev))
     return mean, var
+
+
+def rows_of(views: list[torch.Tensor]) -> torch.Tensor | None:
+    """Every band's tensor as one [P, numel] view, where they sit at a fixed stride in one storage
+    (the stale state of one bucket, and every gather's result: always, for tensors of one shape);
+    else None."""
+    first = views[0]
+    if not all(v.is_contiguous() and v.shape == first.shape and v.untyped_storage().data_ptr()
+               == first.untyped_storage().data_ptr() for v in views):
+        return None
+    stride = views[1].storage_offset() - first.storage_offset() if len(views) > 1 else first.numel()
+    if any(v.storage_offset() != first.storage_offset() + j * stride for j, v in enumerate(views)):
+        return None
+    return first.as_strided((len(views), first.numel()), (stride, 1))
 
 
 def inverse_count(x: torch.Tensor, groups: int) -> float:
@@ -68,17 +90,14 @@ def band_moments(x: torch.Tensor, groups: int) -> torch.Tensor:
     return moments.mul_(inverse_count(x, groups))
 
 
-class _Lean:
-    """What a displaced step of one GroupNorm reuses from call to call, made once per stale key
-    (kept in its views' memo): every band's stale moments as one [P, 2 B G] view, the weights of
-    the rule as a [1, P] row, and buffers for this band's moments, the estimate and the
-    per-channel statistics, with their views. A call then fills them with out= and in-place
-    operators: 16 for `corrected_async_gn` (29 before, as separate tensors), none of them a
-    stack, a cast or a view of the stale state."""
+class _Buffers:
+    """What a GroupNorm fills instead of allocating, per input shape: this band's moments
+    (`fresh`, [2, B, G]), the image-wide estimate (`est`: mean, then variance) and each channel's
+    copy of its group's statistics (`mean_c`, `var_c`, [B C], what the batch-norm kernel takes)."""
 
-    def __init__(self, rows: torch.Tensor, weights: torch.Tensor, x: torch.Tensor, groups: int, corrected: bool):
+    def __init__(self, x: torch.Tensor, groups: int):
         b, c = x.shape[:2]
-        self.rows, self.weights, self.corrected = rows, weights, corrected
+        self.key = (tuple(x.shape), x.device)
         self.inv_n = inverse_count(x, groups)
         f32 = dict(dtype=torch.float32, device=x.device)
         self.fresh = torch.empty(2, b, groups, **f32)  # this band's (mean, mean of squares)
@@ -87,7 +106,7 @@ class _Lean:
         self.est = torch.empty(2, b, groups, **f32)  # image-wide (mean, mean of squares), then (mean, variance)
         self.est_row = self.est.view(1, -1)
         self.mean_g, self.var_g = self.est.unbind(0)
-        self.var_l = torch.empty(b, groups, **f32) if corrected else None
+        self.mean_row, self.var_row = self.est.view(2, 1, -1).unbind(0)
         if c == groups:
             self.spread = None
             self.mean_c, self.var_c = self.est.view(2, b * c).unbind(0)
@@ -97,18 +116,55 @@ class _Lean:
             self.spread = (channel.view(2, b * groups, per), self.est.view(2, b * groups, 1).expand(2, b * groups, per))
             self.mean_c, self.var_c = channel.unbind(0)
 
-    @staticmethod
-    def rows_of(views: list[torch.Tensor]) -> torch.Tensor | None:
-        """Every band's stale tensor as one [P, numel] view, where they sit at a fixed stride in
-        one storage (one bucket: always, for statistics of one shape); else None."""
-        first = views[0]
-        if not all(v.is_contiguous() and v.shape == first.shape and v.untyped_storage().data_ptr()
-                   == first.untyped_storage().data_ptr() for v in views):
-            return None
-        stride = views[1].storage_offset() - first.storage_offset() if len(views) > 1 else first.numel()
-        if any(v.storage_offset() != first.storage_offset() + j * stride for j, v in enumerate(views)):
-            return None
-        return first.as_strided((len(views), first.numel()), (stride, 1))
+    def moments(self, x: torch.Tensor, mean: torch.Tensor, second: torch.Tensor) -> None:
+        """`band_moments(x)` written into `mean` and `second` ([B, G] float32 each): the same bits."""
+        xs = x.reshape(x.shape[0], mean.shape[1], -1)
+        torch.sum(xs, -1, dtype=torch.float32, out=mean)
+        torch.linalg.vector_norm(xs, dim=-1, dtype=torch.float32, out=second)
+        second.square_()
+
+    def spread_(self) -> None:
+        """`est` to each channel (`mean_c`, `var_c`)."""
+        if self.spread is not None:
+            self.spread[0].copy_(self.spread[1])
+
+
+class _Lean(_Buffers):
+    """What a displaced step of one GroupNorm reuses from call to call, made once per stale key
+    (kept in its views' memo): every band's stale moments as one [P, 2 B G] view, the weights of
+    the rule as a [1, P] row, and the buffers. A call then fills them with out= and in-place
+    operators: 16 for `corrected_async_gn` (29 before, as separate tensors), none of them a
+    stack, a cast or a view of the stale state."""
+
+    def __init__(self, rows: torch.Tensor, weights: torch.Tensor, x: torch.Tensor, groups: int, corrected: bool):
+        super().__init__(x, groups)
+        self.rows, self.weights, self.corrected = rows, weights, corrected
+        self.var_l = torch.empty_like(self.mean_l) if corrected else None
+
+
+class _SyncStats(_Buffers):
+    """A synchronous GroupNorm's buffers (per layer, for the last input shape and band count): the
+    weights' [1, P] row, and every band's variance and deviation from the image-wide mean for
+    Chan's formula, which then takes 7 operators (`combine`), none of them an allocation."""
+
+    def __init__(self, x: torch.Tensor, groups: int, band_weights: torch.Tensor):
+        super().__init__(x, groups)
+        parts = band_weights.numel()
+        self.key = (*self.key, parts)
+        self.band_weights, self.weights = band_weights, band_weights.view(1, -1)
+        self.variances = torch.empty(parts, self.fresh_row.shape[1] // 2, dtype=torch.float32, device=x.device)
+        self.dev = torch.empty_like(self.variances)
+
+    def combine(self, rows: torch.Tensor) -> None:
+        """`combine_stats(rows, weights)` into `est` and each channel's statistics."""
+        half = rows.shape[1] // 2
+        means, second = rows[:, :half], rows[:, half:]
+        torch.addcmul(second, means, means, value=-1, out=self.variances).clamp_min_(0.0)
+        torch.mm(self.weights, means, out=self.mean_row)
+        torch.sub(means, self.mean_row, out=self.dev)
+        self.variances.addcmul_(self.dev, self.dev)
+        torch.mm(self.weights, self.variances, out=self.var_row)
+        self.spread_()
 
 
 class DistriGroupNorm(DistriLayer):
@@ -125,42 +181,71 @@ class DistriGroupNorm(DistriLayer):
             return self.original(x, *args, **kwargs)  # this band's statistics alone
         if not ctx.sync and mode in (Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN):
             return self._displaced(ctx, x)
-        fresh = band_moments(x, self.module.num_groups)
+        buffers = self._sync_stats(ctx, x) if self._lean(ctx) else None
         if ctx.sync and self._can_carry(ctx, x):
-            mean_g, var_g = self._global_with_halo(ctx, x, fresh)
-        else:
-            mean_g, var_g = self._global(ctx, fresh)
-        return self._normalize(x, mean_g, var_g)
+            return self._global_with_halo(ctx, x, buffers)
+        return self._global(ctx, x, buffers)
+
+    @staticmethod
+    def _lean(ctx: CallContext) -> bool:
+        """Synchronous statistics go into the layer's `_SyncStats` (eager calls). Under compile,
+        and where layers hand over copies (`cuda_graphs`), the same arithmetic runs on separate
+        tensors, with the same bits (see `_global`)."""
+        return ctx.write_in_place and not torch.compiler.is_compiling()
+
+    def _sync_stats(self, ctx: CallContext, x: torch.Tensor) -> _SyncStats:
+        """This layer's synchronous buffers, made anew when the input shape, device or band count
+        changes; the weights row follows the context's (one per layout)."""
+        buffers = getattr(self, "_sync", None)
+        if buffers is None or buffers.key != (tuple(x.shape), x.device, ctx.band_weights.numel()):
+            buffers = self._sync = _SyncStats(x, self.module.num_groups, ctx.band_weights)
+        elif buffers.band_weights is not ctx.band_weights:
+            buffers.band_weights, buffers.weights = ctx.band_weights, ctx.band_weights.view(1, -1)
+        return buffers
 
     def _normalize(self, x: torch.Tensor, mean_g: torch.Tensor, var_g: torch.Tensor) -> torch.Tensor:
-        """x normalized with the image-wide statistics ([B, G] each), in one pass over x (see
-        `_apply`)."""
-        m = self.module
+        """x normalized with the image-wide statistics ([B, G] or [1, B·G] each), in one pass over
+        x (see `_apply`)."""
+        return self._apply(x, *self._channels(x, mean_g, var_g))
+
+    def _channels(self, x: torch.Tensor, mean_g: torch.Tensor, var_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each channel's copy of its group's statistics, [B C] each."""
         b, c = x.shape[:2]
-        groups = m.num_groups
-        stats = torch.stack([mean_g, var_g])  # [2, B, G]
+        groups = self.module.num_groups
+        stats = torch.stack([mean_g, var_g]).view(2, b, groups)
         if c != groups:
             stats = stats.unsqueeze(-1).expand(2, b, groups, c // groups)
         mean, var = stats.reshape(2, b * c).unbind(0)
-        return self._apply(x, mean, var)
+        return mean, var
 
-    def _apply(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-        """The native batch-norm inference kernel over (batch, channel) rows, whose running
-        statistics ([B C] float32) are each channel's group's image-wide mean and variance, with
-        the GroupNorm's affine per channel. It computes (x - mean) * rsqrt(var + eps) * w + b as
-        the native GroupNorm kernel does, and reads x once (the GroupNorm kernel reads it twice,
-        once for statistics we already have)."""
+    @contextmanager
+    def _affine(self, x: torch.Tensor) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """The GroupNorm's weight and bias as float32 per (batch, channel) rows (None, None
+        without affine), read at call time (see `LayerHost.weights`)."""
         m = self.module
-        b, c = x.shape[:2]
-        rows = x.reshape(1, b * c, -1)
         if not m.affine:
-            return F.batch_norm(rows, mean, var, None, None, False, 0.0, m.eps).view_as(x)
+            yield None, None
+            return
+        b = x.shape[0]
         with self.host.weights(m, x) as (w, bias):  # used inside: a cast copy is released after
             w = w if w.dtype == torch.float32 else w.float()
             bias = bias if bias is None or bias.dtype == torch.float32 else bias.float()
             if b > 1:
                 w, bias = w.repeat(b), (None if bias is None else bias.repeat(b))
-            return F.batch_norm(rows, mean, var, w, bias, False, 0.0, m.eps).view_as(x)
+            yield w, bias
+
+    def _apply(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, affine=None) -> torch.Tensor:
+        """The native batch-norm inference kernel over (batch, channel) rows, whose running
+        statistics ([B C] float32) are each channel's group's image-wide mean and variance, with
+        the GroupNorm's affine per channel (`affine`: `_affine`'s, when the caller holds it). It
+        computes (x - mean) * rsqrt(var + eps) * w + b as the native GroupNorm kernel does, and
+        reads x once (the GroupNorm kernel reads it twice, once for statistics we already have)."""
+        b, c = x.shape[:2]
+        rows = x.reshape(1, b * c, -1)
+        if affine is not None:
+            return F.batch_norm(rows, mean, var, *affine, False, 0.0, self.module.eps).view_as(x)
+        with self._affine(x) as (w, bias):
+            return F.batch_norm(rows, mean, var, w, bias, False, 0.0, self.module.eps).view_as(x)
 
     def _displaced(self, ctx: CallContext, x: torch.Tensor) -> torch.Tensor:
         """A displaced step of `corrected_async_gn` (last step's image-wide mean and mean of
@@ -174,7 +259,7 @@ class DistriGroupNorm(DistriLayer):
         memo = self.memo(views) if self.in_place(ctx, views) else None
         lean = memo.get("lean") if memo is not None else None
         if lean is None and memo is not None:
-            rows = _Lean.rows_of(views)
+            rows = rows_of(views)
             if rows is not None:
                 lean = memo["lean"] = _Lean(rows, self._weights(ctx, corrected).view(1, -1), x, groups, corrected)
         if lean is not None:
@@ -217,10 +302,7 @@ class DistriGroupNorm(DistriLayer):
         """`_displaced` in `lean`'s buffers. stale_gn writes this band's fresh moments into its own
         slot first, so one product with the band weights gives the estimate; corrected_async_gn
         reads its own stale moments, then writes the fresh ones."""
-        xs = x.reshape(x.shape[0], self.module.num_groups, -1)
-        torch.sum(xs, -1, dtype=torch.float32, out=lean.mean_l)
-        torch.linalg.vector_norm(xs, dim=-1, dtype=torch.float32, out=lean.second_l)
-        lean.second_l.square_()
+        lean.moments(x, lean.mean_l, lean.second_l)
         lean.fresh.mul_(lean.inv_n)
         own = views[ctx.rank]
         if lean.corrected:
@@ -237,8 +319,7 @@ class DistriGroupNorm(DistriLayer):
             torch.where(lean.var_g < 0, lean.var_l, lean.var_g, out=lean.var_g)
         else:
             lean.var_g.clamp_min_(0.0)
-        if lean.spread is not None:
-            lean.spread[0].copy_(lean.spread[1])
+        lean.spread_()
         return self._apply(x, lean.mean_c, lean.var_c)
 
     def _can_carry(self, ctx: CallContext, x: torch.Tensor) -> bool:
@@ -249,37 +330,59 @@ class DistriGroupNorm(DistriLayer):
             return False
         return all(ctx.bands.scaled(j, x.shape[2], ctx.rank) >= conv.halo for j in range(ctx.bands.parts))
 
-    def _global_with_halo(self, ctx: CallContext, x: torch.Tensor, fresh: torch.Tensor):
+    def _global_with_halo(self, ctx: CallContext, x: torch.Tensor, buffers: _SyncStats | None) -> torch.Tensor:
         """One exchange for [moments | edge rows of x]; the moments go on as this layer's own
-        exchange, the neighbours' rows (normalized and activated here) as the conv's."""
+        exchange (where kept as stale state), the neighbours' rows, normalized and activated here
+        with the same kernels as their own band's, as the conv's."""
         m, conv = self.module, self.feeds
-        raw = conv.edge_rows(x)
-        payload = torch.cat([fresh.reshape(-1), raw.reshape(-1) if raw.dtype == torch.float32 else raw.reshape(-1).float()])
-        views = ctx.exchanger.gather(self.name + "+halo", payload, None, keep=False)
-        n = fresh.numel()
-        ctx.exchanger.provide(self.name, torch.stack([v[:n] for v in views]), tuple(fresh.shape))
-        keep = ctx.mode.gn_rule in (Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN)
-        mean_g, var_g = combine_stats(ctx.exchanger.gather(self.name, fresh, None, keep=keep), ctx.band_weights)
-        # Image-wide normalization as a per-(batch, channel) affine, then SiLU, on every band's rows.
+        groups = m.num_groups
         b, c = x.shape[:2]
-        per = c // m.num_groups
-        scale = torch.rsqrt(var_g + m.eps)[:, :, None].expand(b, m.num_groups, per).reshape(b, c)
-        shift = -mean_g[:, :, None].expand(b, m.num_groups, per).reshape(b, c) * scale
-        if m.affine:
-            with self.host.weights(m, x) as (w, bias):
-                w = w if w.dtype == torch.float32 else w.float()
-                scale, shift = scale * w, shift * w
-                if bias is not None:
-                    shift = shift + (bias if bias.dtype == torch.float32 else bias.float())
-        rows = torch.stack([v[n:] for v in views]).view(len(views), *raw.shape)
-        rows = F.silu(rows * scale[None, :, :, None, None] + shift[None, :, :, None, None])
-        slot_dtype = ctx.comm_dtype or x.dtype
-        rows = rows if rows.dtype == slot_dtype else rows.to(slot_dtype)
-        ctx.exchanger.provide(conv.name, rows.reshape(len(views), -1), tuple(raw.shape))
-        return mean_g, var_g
+        n = 2 * b * groups
+        if buffers is None:
+            fresh = band_moments(x, groups)
+            raw = conv.edge_rows(x)
+            payload = torch.cat([fresh.reshape(-1), raw.reshape(-1) if raw.dtype == torch.float32 else raw.reshape(-1).float()])
+            edge = raw.shape
+        else:  # the moments and the edge rows are written straight into what is sent
+            edge = (b, c, 2 * conv.halo, x.shape[3])
+            payload = torch.empty(n + b * c * 2 * conv.halo * x.shape[3], dtype=torch.float32, device=x.device)
+            fresh = payload[:n].view(2, b, groups)
+            buffers.moments(x, *fresh.unbind(0))
+            fresh.mul_(buffers.inv_n)
+            conv.edge_rows(x, out=payload[n:].view(edge))
+        views = ctx.exchanger.gather(self.name + "+halo", payload, None, keep=False)
+        rows = rows_of(views) if buffers is not None else None
+        rows = torch.stack(list(views)) if rows is None else rows  # [P, payload]
+        if ctx.mode.gn_rule in (Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN):  # kept: read stale later
+            ctx.exchanger.provide(self.name, rows[:, :n], tuple(fresh.shape))
+            ctx.exchanger.gather(self.name, fresh, None)
+        if buffers is None:
+            mean_c, var_c = self._channels(x, *combine_stats(rows[:, :n], ctx.band_weights.view(1, -1)))
+        else:
+            buffers.combine(rows[:, :n])
+            mean_c, var_c = buffers.mean_c, buffers.var_c
+        with self._affine(x) as affine:
+            # Every band's rows, normalized and activated as their own band does it.
+            halo = F.batch_norm(rows[:, n:].view(len(views), b * c, -1), mean_c, var_c, *affine, False, 0.0, m.eps)
+            F.silu(halo, inplace=True)
+            slot_dtype = ctx.comm_dtype or x.dtype
+            halo = halo if halo.dtype == slot_dtype else halo.to(slot_dtype)
+            ctx.exchanger.provide(conv.name, halo.view(len(views), -1), tuple(edge))
+            return self._apply(x, mean_c, var_c, affine)
 
-    def _global(self, ctx: CallContext, fresh: torch.Tensor):
-        """Synchronous statistics (every sync step; every step of `sync_gn`)."""
+    def _global(self, ctx: CallContext, x: torch.Tensor, buffers: _SyncStats | None) -> torch.Tensor:
+        """Synchronous statistics (every sync step; every step of `sync_gn`): this band's moments,
+        one blocking gather, Chan's combination; in `buffers` where given, else as separate tensors
+        (the same bits)."""
         keep = ctx.mode.gn_rule in (Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN)  # the only modes that read them stale
-        views = ctx.exchanger.gather(self.name, fresh, None, keep=keep)
-        return combine_stats(views, ctx.band_weights)
+        groups = self.module.num_groups
+        if buffers is None:
+            views = ctx.exchanger.gather(self.name, band_moments(x, groups), None, keep=keep)
+            rows = torch.stack(list(views)).view(len(views), -1)
+            return self._normalize(x, *combine_stats(rows, ctx.band_weights.view(1, -1)))
+        buffers.moments(x, buffers.mean_l, buffers.second_l)
+        buffers.fresh.mul_(buffers.inv_n)
+        views = ctx.exchanger.gather(self.name, buffers.fresh, None, keep=keep)
+        rows = rows_of(views)
+        buffers.combine(torch.stack(list(views)).view(len(views), -1) if rows is None else rows)
+        return self._apply(x, buffers.mean_c, buffers.var_c)

@@ -181,10 +181,10 @@ class StaleBuffers:
         self._seen[name] = self._seen.get(name, 0) + 1
         return unique
 
-    def _shapes(self, fresh: torch.Tensor, scaled_dim: int | None) -> list[tuple[int, ...]]:
+    def _shapes(self, shape: tuple[int, ...], scaled_dim: int | None) -> list[tuple[int, ...]]:
         shapes = []
         for j in range(self.world):
-            s = list(fresh.shape)
+            s = list(shape)
             if scaled_dim is not None:
                 s[scaled_dim] = self.bands.scaled(j, s[scaled_dim], self.rank)
             shapes.append(tuple(s))
@@ -192,26 +192,30 @@ class StaleBuffers:
 
     # -- Exchanger protocol ---------------------------------------------------------------
     @_eager
-    def gather(self, name: str, fresh: torch.Tensor, scaled_dim: int | None,
+    def gather(self, name: str, fresh: torch.Tensor | tuple[tuple[int, ...], torch.dtype], scaled_dim: int | None,
                keep: bool = True) -> list[torch.Tensor]:
         return self.gather_start(name, fresh, scaled_dim, keep)()
 
     @_eager
-    def gather_start(self, name: str, fresh: torch.Tensor, scaled_dim: int | None,
+    def gather_start(self, name: str, fresh: torch.Tensor | tuple[tuple[int, ...], torch.dtype], scaled_dim: int | None,
                      keep: bool = True) -> Callable[[], list[torch.Tensor]]:
         """Launch the all-gather of `gather` asynchronously; the returned function waits for it
         and returns the views. The caller computes what does not depend on it in between."""
         name = self._unique(name)
         keep = keep and self.keep_stale
+        shape, dtype = (tuple(fresh.shape), fresh.dtype) if isinstance(fresh, torch.Tensor) else (tuple(fresh[0]), fresh[1])
         entry = self.entries.get(name) if keep else None
         if entry is None:
-            shapes = self._shapes(fresh, scaled_dim)
-            entry = _Entry(name, shapes, fresh.dtype, max(math.prod(s) for s in shapes))
+            shapes = self._shapes(shape, scaled_dim)
+            entry = _Entry(name, shapes, dtype, max(math.prod(s) for s in shapes))
             if keep and self.phase is Phase.REGISTER:
                 self.entries[name] = entry
         provided, expected = self._provided.pop(name, (None, None))
-        if provided is not None and expected == tuple(fresh.shape) and provided.shape == (self.world, entry.slot):
+        if provided is not None and expected == shape and provided.shape == (self.world, entry.slot):
             rows, work = provided, _Done()  # gathered already, inside an earlier exchange
+        elif not isinstance(fresh, torch.Tensor):
+            raise RuntimeError(f"{name}: only its {shape} {dtype} was given, but no earlier exchange "
+                               f"carried its tensors for that shape (carried: {expected}); pass the tensor")
         else:
             rows = fresh.new_empty(self.world, entry.slot)
             rows[self.rank, :fresh.numel()].copy_(fresh.reshape(-1))

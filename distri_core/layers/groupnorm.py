@@ -3,7 +3,8 @@
 Each band computes its per-group mean and mean of squares in float32 ([2, B, G], what is
 exchanged); the image-wide mean and variance are combined from every band's mean and variance with
 Chan's parallel formula (exact, and never negative), so `full_sync` and `sync_gn` equal
-`nn.GroupNorm`. After warm-up:
+`nn.GroupNorm` (but for groups whose |mean| is some 100 times their standard deviation or more,
+whose band variance float32 rounding eats: docs/benchmarks.md). After warm-up:
 
 - `corrected_async_gn` (paper eq. 2): last step's image-wide E[x] and E[x^2], shifted by this
   band's change since last step (fresh minus stale): the step-to-step drift is mostly global;

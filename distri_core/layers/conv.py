@@ -96,7 +96,7 @@ class DistriConv2d(DistriLayer):
             pw = dw * (kw - 1) // 2
         self.pad_w = pw or 0
         self._edge_index: dict = {}  # (band height, device) -> indices of the 2 * halo edge rows
-        self._zeros: dict = {}  # (shape, dtype, device) -> the rows past the image edge (read only)
+        self._zeros: torch.Tensor | None = None  # the last rows past the image edge it used (read only)
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         ctx = self.ctx
@@ -160,14 +160,14 @@ class DistriConv2d(DistriLayer):
         return index
 
     def _zeros_like(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """Zero rows past the image edge, made once per shape, dtype and device (the cat reads
-        them; nothing writes them). Under compile, made in the graph."""
+        """Zero rows past the image edge, reused while their shape, dtype and device stay (the cat
+        reads them; nothing writes them); only the last ones are kept, so a change of resolution
+        does not pile them up. Under compile, made in the graph."""
         if torch.compiler.is_compiling():
             return like.new_zeros(shape)
-        key = (shape, like.dtype, like.device)
-        zeros = self._zeros.get(key)
-        if zeros is None:
-            zeros = self._zeros[key] = like.new_zeros(shape)
+        zeros = self._zeros
+        if zeros is None or zeros.shape != shape or zeros.dtype != like.dtype or zeros.device != like.device:
+            zeros = self._zeros = like.new_zeros(shape)
         return zeros
 
     def _halo_slot(self, ctx: CallContext, x: torch.Tensor) -> torch.Tensor:

@@ -170,6 +170,10 @@ class DistriConv2d(DistriLayer):
             zeros = self._zeros = like.new_zeros(shape)
         return zeros
 
+    def slot_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        """The shape of what a band of x sends its neighbours: its 2 * halo edge rows."""
+        return (x.shape[0], x.shape[1], 2 * self.halo, x.shape[3])
+
     def _halo_slot(self, ctx: CallContext, x: torch.Tensor) -> torch.Tensor:
         """What this band sends its neighbours, in the exchange's dtype."""
         fresh = self.edge_rows(x)
@@ -189,14 +193,14 @@ class DistriConv2d(DistriLayer):
     def _with_halo(self, ctx: CallContext, x: torch.Tensor) -> torch.Tensor:
         if ctx.sync:
             # A halo the GroupNorm carried needs only its slot's (shape, dtype): its rows are here.
-            slot = (((x.shape[0], x.shape[1], 2 * self.halo, x.shape[3]), ctx.comm_dtype or x.dtype)
+            slot = ((self.slot_shape(x), ctx.comm_dtype or x.dtype)
                     if ctx.exchanger.provided(self.name) else self._halo_slot(ctx, x))
             views, _ = self.exchange(ctx, slot)
             above, below = self._neighbours(ctx, views, x)
             return torch.cat([above, x, below], dim=2)
         p, h = self.halo, x.shape[2]
         dtype = ctx.comm_dtype or x.dtype
-        views, _ = self.exchange(ctx, ((x.shape[0], x.shape[1], 2 * p, x.shape[3]), dtype))
+        views, _ = self.exchange(ctx, (self.slot_shape(x), dtype))
         above, below = self._neighbours(ctx, views, x)
         padded = torch.cat([above, x, below], dim=2)
         # This band's edge rows go out only after the cat has read the neighbours' (the publish

@@ -37,6 +37,7 @@ the convolution, which sends nothing: one blocking exchange per ResBlock half in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -46,18 +47,23 @@ import torch.nn.functional as F
 from ..config import Mode
 from .base import CallContext, DistriLayer
 
+# The GroupNorm rules whose displaced steps read last step's statistics (so their synchronous
+# steps keep what they gather as stale state).
+STALE_RULES = (Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN)
 
-def combine_stats(rows: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+
+def combine_stats(rows: torch.Tensor, weights: torch.Tensor,
+                  into: _SyncStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Image-wide (mean, biased variance), [1, B·G] each, from every band's (mean, mean of squares)
     as [P, 2·B·G] rows and each band's share of the elements (`weights`, a [1, P] row summing to 1):
     each band's variance (never negative), then Chan's parallel formula as two products with the
-    weights. `_SyncStats.combine` computes the same bits into its buffers."""
+    weights. With `into`, every result goes into its buffers (no allocation; the same bits)."""
     half = rows.shape[1] // 2
     means, second = rows[:, :half], rows[:, half:]
-    variances = torch.addcmul(second, means, means, value=-1).clamp_min_(0.0)
-    mean = torch.mm(weights, means)
-    dev = torch.sub(means, mean)
-    var = torch.mm(weights, variances.addcmul_(dev, dev))
+    variances = torch.addcmul(second, means, means, value=-1, out=into and into.variances).clamp_min_(0.0)
+    mean = torch.mm(weights, means, out=into and into.mean_row)
+    dev = torch.sub(means, mean, out=into and into.dev)
+    var = torch.mm(weights, variances.addcmul_(dev, dev), out=into and into.var_row)
     return mean, var
 
 
@@ -80,15 +86,20 @@ def inverse_count(x: torch.Tensor, groups: int) -> float:
     return groups / x[0].numel()
 
 
-def band_moments(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """This band's per-group (mean, mean of squares), [2, B, G] float32 (what the bands exchange),
-    from float32 sums of x and x^2 (two plain reductions, no copy of half-precision inputs;
-    torch.var_mean is 40x slower on a CPU and, for half inputs, returns half-precision results).
-    `DistriGroupNorm._displaced_lean` computes the same bits into its buffers."""
+def group_sums(x: torch.Tensor, groups: int, total: torch.Tensor | None = None,
+               squares: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 sums of x and of x^2 per group, [B, G] each (into `total` and `squares` where
+    given): two plain reductions, no copy of half-precision inputs (torch.var_mean is 40x slower
+    on a CPU and, for half inputs, returns half-precision results)."""
     xs = x.reshape(x.shape[0], groups, -1)
-    moments = torch.stack([xs.sum(-1, dtype=torch.float32),
-                           torch.linalg.vector_norm(xs, dim=-1, dtype=torch.float32).square_()])
-    return moments.mul_(inverse_count(x, groups))
+    return (torch.sum(xs, -1, dtype=torch.float32, out=total),
+            torch.linalg.vector_norm(xs, dim=-1, dtype=torch.float32, out=squares).square_())
+
+
+def band_moments(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """This band's per-group (mean, mean of squares), [2, B, G] float32 (what the bands exchange).
+    `_Buffers.fill` computes the same bits into its buffers."""
+    return torch.stack(group_sums(x, groups)).mul_(inverse_count(x, groups))
 
 
 class _Buffers:
@@ -117,12 +128,10 @@ class _Buffers:
             self.spread = (channel.view(2, b * groups, per), self.est.view(2, b * groups, 1).expand(2, b * groups, per))
             self.mean_c, self.var_c = channel.unbind(0)
 
-    def moments(self, x: torch.Tensor, mean: torch.Tensor, second: torch.Tensor) -> None:
-        """`band_moments(x)` written into `mean` and `second` ([B, G] float32 each): the same bits."""
-        xs = x.reshape(x.shape[0], mean.shape[1], -1)
-        torch.sum(xs, -1, dtype=torch.float32, out=mean)
-        torch.linalg.vector_norm(xs, dim=-1, dtype=torch.float32, out=second)
-        second.square_()
+    def fill(self, x: torch.Tensor) -> None:
+        """`band_moments(x)` into `fresh`: the same bits."""
+        group_sums(x, self.fresh.shape[2], self.mean_l, self.second_l)
+        self.fresh.mul_(self.inv_n)
 
     def spread_(self) -> None:
         """`est` to each channel (`mean_c`, `var_c`)."""
@@ -158,13 +167,7 @@ class _SyncStats(_Buffers):
 
     def combine(self, rows: torch.Tensor) -> None:
         """`combine_stats(rows, weights)` into `est` and each channel's statistics."""
-        half = rows.shape[1] // 2
-        means, second = rows[:, :half], rows[:, half:]
-        torch.addcmul(second, means, means, value=-1, out=self.variances).clamp_min_(0.0)
-        torch.mm(self.weights, means, out=self.mean_row)
-        torch.sub(means, self.mean_row, out=self.dev)
-        self.variances.addcmul_(self.dev, self.dev)
-        torch.mm(self.weights, self.variances, out=self.var_row)
+        combine_stats(rows, self.weights, self)
         self.spread_()
 
 
@@ -180,7 +183,7 @@ class DistriGroupNorm(DistriLayer):
         mode = ctx.mode.gn_rule if ctx is not None else None
         if ctx is None or not mode.communicates or (mode is Mode.SEPARATE_GN and not ctx.sync):
             return self.original(x, *args, **kwargs)  # this band's statistics alone
-        if not ctx.sync and mode in (Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN):
+        if not ctx.sync and mode in STALE_RULES:
             return self._displaced(ctx, x)
         buffers = self._sync_stats(ctx, x) if self._lean(ctx) else None
         if ctx.sync and self._can_carry(ctx, x):
@@ -303,8 +306,7 @@ class DistriGroupNorm(DistriLayer):
         """`_displaced` in `lean`'s buffers. stale_gn writes this band's fresh moments into its own
         slot first, so one product with the band weights gives the estimate; corrected_async_gn
         reads its own stale moments, then writes the fresh ones."""
-        lean.moments(x, lean.mean_l, lean.second_l)
-        lean.fresh.mul_(lean.inv_n)
+        lean.fill(x)
         own = views[ctx.rank]
         if lean.corrected:
             torch.addmm(lean.fresh_row, lean.weights, lean.rows, out=lean.est_row)
@@ -339,22 +341,21 @@ class DistriGroupNorm(DistriLayer):
         groups = m.num_groups
         b, c = x.shape[:2]
         n = 2 * b * groups
+        edge = conv.slot_shape(x)
         if buffers is None:
             fresh = band_moments(x, groups)
             raw = conv.edge_rows(x)
             payload = torch.cat([fresh.reshape(-1), raw.reshape(-1) if raw.dtype == torch.float32 else raw.reshape(-1).float()])
-            edge = raw.shape
         else:  # the moments and the edge rows are written straight into what is sent
-            edge = (b, c, 2 * conv.halo, x.shape[3])
-            payload = torch.empty(n + b * c * 2 * conv.halo * x.shape[3], dtype=torch.float32, device=x.device)
+            payload = torch.empty(n + math.prod(edge), dtype=torch.float32, device=x.device)
             fresh = payload[:n].view(2, b, groups)
-            buffers.moments(x, *fresh.unbind(0))
+            group_sums(x, groups, *fresh.unbind(0))
             fresh.mul_(buffers.inv_n)
             conv.edge_rows(x, out=payload[n:].view(edge))
         views = ctx.exchanger.gather(self.name + "+halo", payload, None, keep=False)
         rows = rows_of(views) if buffers is not None else None
         rows = torch.stack(list(views)) if rows is None else rows  # [P, payload]
-        if ctx.mode.gn_rule in (Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN):  # kept: read stale later
+        if ctx.mode.gn_rule in STALE_RULES:  # kept: read stale later
             ctx.exchanger.provide(self.name, rows[:, :n], tuple(fresh.shape))
             ctx.exchanger.gather(self.name, fresh, None)
         if buffers is None:
@@ -368,21 +369,20 @@ class DistriGroupNorm(DistriLayer):
             F.silu(halo, inplace=True)
             slot_dtype = ctx.comm_dtype or x.dtype
             halo = halo if halo.dtype == slot_dtype else halo.to(slot_dtype)
-            ctx.exchanger.provide(conv.name, halo.view(len(views), -1), tuple(edge))
+            ctx.exchanger.provide(conv.name, halo.view(len(views), -1), edge)
             return self._apply(x, mean_c, var_c, affine)
 
     def _global(self, ctx: CallContext, x: torch.Tensor, buffers: _SyncStats | None) -> torch.Tensor:
         """Synchronous statistics (every sync step; every step of `sync_gn`): this band's moments,
         one blocking gather, Chan's combination; in `buffers` where given, else as separate tensors
         (the same bits)."""
-        keep = ctx.mode.gn_rule in (Mode.CORRECTED_ASYNC_GN, Mode.STALE_GN)  # the only modes that read them stale
+        keep = ctx.mode.gn_rule in STALE_RULES
         groups = self.module.num_groups
         if buffers is None:
             views = ctx.exchanger.gather(self.name, band_moments(x, groups), None, keep=keep)
             rows = torch.stack(list(views)).view(len(views), -1)
             return self._normalize(x, *combine_stats(rows, ctx.band_weights.view(1, -1)))
-        buffers.moments(x, buffers.mean_l, buffers.second_l)
-        buffers.fresh.mul_(buffers.inv_n)
+        buffers.fill(x)
         views = ctx.exchanger.gather(self.name, buffers.fresh, None, keep=keep)
         rows = rows_of(views)
         buffers.combine(torch.stack(list(views)).view(len(views), -1) if rows is None else rows)

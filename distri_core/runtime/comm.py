@@ -90,6 +90,13 @@ def compiled_exchanges() -> None:
             run_eagerly(cls, name)
 
 
+def _spec(fresh: torch.Tensor | tuple[tuple[int, ...], torch.dtype]) -> tuple[tuple[int, ...], torch.dtype]:
+    """(shape, dtype) of an exchange's tensor, or the (shape, dtype) given in its place."""
+    if isinstance(fresh, torch.Tensor):
+        return tuple(fresh.shape), fresh.dtype
+    return tuple(fresh[0]), fresh[1]
+
+
 class Phase(enum.Enum):
     REGISTER = "register"
     READY = "ready"
@@ -203,7 +210,7 @@ class StaleBuffers:
         and returns the views. The caller computes what does not depend on it in between."""
         name = self._unique(name)
         keep = keep and self.keep_stale
-        shape, dtype = (tuple(fresh.shape), fresh.dtype) if isinstance(fresh, torch.Tensor) else (tuple(fresh[0]), fresh[1])
+        shape, dtype = _spec(fresh)
         entry = self.entries.get(name) if keep else None
         if entry is None:
             shapes = self._shapes(shape, scaled_dim)
@@ -260,9 +267,9 @@ class StaleBuffers:
                 f"no stale activations for {name}: it was not part of this key's first (synchronous) "
                 "call; the model took a different path than in that call"
             )
-        shape, dtype = (tuple(fresh.shape), fresh.dtype) if isinstance(fresh, torch.Tensor) else fresh
-        if tuple(shape) != entry.shapes[self.rank] or dtype != entry.dtype:
-            raise RuntimeError(f"{name}: got {tuple(shape)} {dtype}, stale state holds "
+        shape, dtype = _spec(fresh)
+        if shape != entry.shapes[self.rank] or dtype != entry.dtype:
+            raise RuntimeError(f"{name}: got {shape} {dtype}, stale state holds "
                                f"{entry.shapes[self.rank]} {entry.dtype}; the stale key must include the input shape")
         self._wait(entry.bucket)
         return entry.views
